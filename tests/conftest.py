@@ -1,0 +1,13 @@
+"""Test configuration: 8 fake CPU devices before JAX initialises."""
+
+import os
+
+# Must happen before the first `import jax` anywhere in the test process.
+os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# Keep the suite fast on 2 cores: tests check semantics, not kernels.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # pylint: disable=g-import-not-at-top
+
+jax.config.update('jax_num_cpu_devices', 8)
