@@ -11,3 +11,6 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # pylint: disable=g-import-not-at-top
 
 jax.config.update('jax_num_cpu_devices', 8)
+# Tests check semantics on tiny arrays: compile time dominates, so skip
+# XLA's expensive optimisation passes (as the flax examples' tests do).
+jax.config.update('jax_disable_most_optimizations', True)

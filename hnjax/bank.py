@@ -1,0 +1,360 @@
+"""Queries against a bank of negatives: log-sum-exp and hardest-k.
+
+This is the negative side of every queue-based loss and sampler in hnjax
+(`info_nce`, `hard_contrastive`, `hardest_negatives`, `mochi`). Two questions
+are asked of a bank ``[K, D]`` for each query ``[D]``:
+
+* the log-sum-exp of its scaled similarities (the InfoNCE denominator), and
+* its ``num_top`` most similar entries (MoCHi's hardest negatives).
+
+Both are answered in one pass over the bank, on one device or with the bank
+sharded over a mesh axis, and either *dense* (one ``[G, K]`` logits matrix)
+or *blocked* (bank blocks scanned with an online log-sum-exp and a running
+top-k merge, never holding more than ``[G, block]`` logits; the backward pass
+is blocked too).
+
+Sharded layout (inside ``jax.shard_map`` over ``axis_name`` with ``n``
+devices): every device holds ``B`` local queries and a ``[K / n, D]`` shard of
+the bank. Queries are all-gathered (``G = n * B`` small vectors), each device
+scores all ``G`` queries against its own shard, and per-query results are
+reduced back to the device that owns the query: log-sum-exps with
+``psum_scatter`` after a shared stop-gradient max, top-k candidates with
+``all_to_all`` and a second top-k. No device ever holds the whole bank or the
+``[G, K]`` logits. Gradients flow through the all-gather, so every device's
+queries (and the bank, if it is differentiable) get exact gradients.
+"""
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from hnjax import _checks
+
+# Blocked path when a device would otherwise hold more logits than this.
+# 2**22 float32 logits are 16 MiB; measured in benchmarks/negatives.py.
+AUTO_BLOCK_THRESHOLD = 2**22
+DEFAULT_BLOCK_SIZE = 4096
+
+
+class BankStats(NamedTuple):
+  """Per-query statistics of a bank, for the queries owned by this device.
+
+  Attributes:
+    lse: ``[S, B]`` float32, log-sum-exp over the unmasked bank entries of
+      ``scale * similarity``, one row per requested scale; ``-inf`` for a
+      query whose bank entries are all masked. Differentiable.
+    top_similarities: ``[B, N]`` float32, the ``N`` largest unmasked raw
+      similarities ``q . n`` in descending order; ``-inf`` where a query has
+      fewer than ``N`` unmasked entries. Stop-gradient.
+    top_indices: ``[B, N]`` int32 indices into the (global) bank of those
+      entries; ``-1`` where there is none. Ties go to the lower index.
+  """
+  lse: jax.Array
+  top_similarities: jax.Array
+  top_indices: jax.Array
+
+
+def gather_queries(query: jax.Array, axis_name: str | None) -> jax.Array:
+  """All-gathers ``[B, D]`` local queries to ``[G, D]`` (with gradient)."""
+  if axis_name is None:
+    return query
+  return lax.all_gather(query, axis_name, tiled=True)
+
+
+def safe_log(x: jax.Array) -> jax.Array:
+  """``log(x)`` that is ``-inf`` at 0 with a zero (not NaN) gradient there."""
+  positive = x > 0
+  return jnp.where(positive, jnp.log(jnp.where(positive, x, 1.0)), -jnp.inf)
+
+
+def logsumexp(x: jax.Array, axis: int = -1) -> jax.Array:
+  """Log-sum-exp that is ``-inf`` (with zero gradient) on all ``-inf`` rows."""
+  m = lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  s = jnp.sum(jnp.exp(x - m), axis=axis)
+  return safe_log(s) + jnp.squeeze(m, axis)
+
+
+def _resolve_block_size(block_size: int | None, g: int, k: int) -> int:
+  """0 means dense; None picks dense or blocked by the logits size."""
+  if block_size is None:
+    return DEFAULT_BLOCK_SIZE if g * k > AUTO_BLOCK_THRESHOLD else 0
+  _checks.non_negative_int('block_size', block_size)
+  return 0 if block_size >= k else block_size
+
+
+def _masked(x, mask, start, size):
+  """Masked entries become -inf (after any scaling: 0 * -inf is NaN)."""
+  if mask is None:
+    return x
+  m = lax.dynamic_slice_in_dim(mask, start, size, axis=1)
+  return jnp.where(m, x, -jnp.inf)
+
+
+def _merge_top(run_v, run_i, v, i, num_top):
+  """Keeps the num_top largest of two candidate lists; ties favour run_*."""
+  cat_v = jnp.concatenate([run_v, v], axis=1)
+  cat_i = jnp.concatenate([run_i, i], axis=1)
+  top_v, pos = lax.top_k(cat_v, num_top)
+  return top_v, jnp.take_along_axis(cat_i, pos, axis=1)
+
+
+def _scan_blocks(body, carry, k: int, block: int):
+  """Runs ``body(carry, start, size)`` over [0, k) in blocks of ``block``."""
+  num_full, rem = divmod(k, block)
+  if num_full:
+    carry, _ = lax.scan(
+        lambda c, j: (body(c, j * block, block), None), carry,
+        jnp.arange(num_full))
+  if rem:
+    carry = body(carry, num_full * block, rem)
+  return carry
+
+
+def _blocked_forward(q, bank, mask, scales, num_top, block):
+  """Online log-sum-exp and running top-k over bank blocks."""
+  g, k = q.shape[0], bank.shape[0]
+  num_s = len(scales)
+  c = jnp.asarray(scales, jnp.float32)[:, None, None]
+
+  def body(carry, start, size):
+    m, acc, top_v, top_i = carry
+    sims = q @ lax.dynamic_slice_in_dim(bank, start, size).T  # [G, size]
+    x = _masked(c * sims[None], mask, start, size)  # [S, G, size]
+    sims = _masked(sims, mask, start, size)
+    if num_s:
+      new_m = jnp.maximum(m, jnp.max(x, axis=-1))
+      safe = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
+      acc = acc * jnp.exp(m - safe) + jnp.sum(
+          jnp.exp(x - safe[..., None]), axis=-1)
+      m = new_m
+    if num_top:
+      v, i = lax.top_k(sims, min(num_top, size))
+      top_v, top_i = _merge_top(top_v, top_i, v, i.astype(jnp.int32) + start,
+                                num_top)
+    return m, acc, top_v, top_i
+
+  init = (jnp.full((num_s, g), -jnp.inf, jnp.float32),
+          jnp.zeros((num_s, g), jnp.float32),
+          jnp.full((g, num_top), -jnp.inf, jnp.float32),
+          jnp.full((g, num_top), -1, jnp.int32))
+  m, acc, top_v, top_i = _scan_blocks(body, init, k, block)
+  lse = safe_log(acc) + jnp.where(jnp.isfinite(m), m, 0.0)
+  return lse, top_v, top_i
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _blocked(q, bank, mask, scales, num_top, block):
+  return _blocked_forward(q, bank, mask, scales, num_top, block)
+
+
+def _blocked_fwd(q, bank, mask, scales, num_top, block):
+  out = _blocked_forward(q, bank, mask, scales, num_top, block)
+  return out, (q, bank, mask, out[0])
+
+
+def _blocked_bwd(scales, num_top, block, res, cts):
+  """Recomputes the logits block by block; never holds [G, K]."""
+  del num_top  # The top-k outputs are selection statistics: no gradient.
+  q, bank, mask, lse = res
+  g_lse = cts[0]  # [S, G]
+  c = jnp.asarray(scales, jnp.float32)[:, None, None]
+
+  def weights(start, size):
+    """d loss / d sims for one block: sum_s g_s * c_s * softmax_s."""
+    sims = q @ lax.dynamic_slice_in_dim(bank, start, size).T
+    x = _masked(c * sims[None], mask, start, size)
+    p = jnp.exp(x - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
+    return jnp.sum(g_lse[..., None] * c * p, axis=0)  # [G, size]
+
+  def dq_body(dq, start, size):
+    return dq + weights(start, size) @ lax.dynamic_slice_in_dim(
+        bank, start, size)
+
+  def dbank_body(dbank, start, size):
+    return lax.dynamic_update_slice_in_dim(
+        dbank, weights(start, size).T @ q, start, axis=0)
+
+  # Two loops, so that XLA drops the bank gradient when nobody uses it
+  # (a memory queue) instead of carrying a dead [K, D] buffer.
+  k = bank.shape[0]
+  dq = _scan_blocks(dq_body, jnp.zeros_like(q), k, block)
+  dbank = _scan_blocks(dbank_body, jnp.zeros_like(bank), k, block)
+  return dq, dbank, None
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def _dense(q, bank, mask, scales, num_top):
+  """The same statistics from one [G, K] logits matrix."""
+  sims = q @ bank.T
+  masked = lambda x: x if mask is None else jnp.where(mask, x, -jnp.inf)
+  lse = jnp.stack([logsumexp(masked(c * sims)) for c in scales]) if scales else (
+      jnp.zeros((0, q.shape[0]), jnp.float32))
+  sims = masked(sims)
+  if num_top:
+    top_v, top_i = lax.top_k(lax.stop_gradient(sims), num_top)
+  else:
+    top_v = jnp.zeros((q.shape[0], 0), jnp.float32)
+    top_i = jnp.zeros((q.shape[0], 0), jnp.int32)
+  return lse, top_v, top_i.astype(jnp.int32)
+
+
+def check_bank(query, negatives, negative_mask, axis_name):
+  """Validates shapes; returns (axis size n, G, local bank size)."""
+  _checks.embeddings('query', query)
+  _checks.embeddings('negatives', negatives)
+  if query.shape[1] != negatives.shape[1]:
+    raise ValueError(
+        f'query and negatives must have the same dim, got {query.shape} and '
+        f'{negatives.shape}')
+  n = _checks.axis_size(axis_name)
+  g, k_local = n * query.shape[0], negatives.shape[0]
+  if negative_mask is not None:
+    expected = (g, k_local)
+    if jnp.shape(negative_mask) != expected:
+      where = ('[global batch, local bank shard]' if axis_name else
+               '[batch, bank]')
+      raise ValueError(
+          f'negative_mask must have shape {where} = {expected}, got '
+          f'{jnp.shape(negative_mask)}')
+    if jnp.result_type(negative_mask) != jnp.bool_:
+      raise ValueError(
+          f'negative_mask must be boolean, got {jnp.result_type(negative_mask)}')
+  return n, g, k_local
+
+
+def bank_stats(
+    query: jax.typing.ArrayLike,
+    negatives: jax.typing.ArrayLike,
+    *,
+    scales: Sequence[float] = (),
+    num_top: int = 0,
+    negative_mask: jax.typing.ArrayLike | None = None,
+    axis_name: str | None = None,
+    block_size: int | None = None,
+) -> BankStats:
+  """Log-sum-exps and hardest entries of a bank for each query.
+
+  For query ``q_b`` and bank entries ``n_j`` (unmasked ones only):
+
+  .. math::
+    \\mathrm{lse}_{s,b} = \\log \\sum_j e^{c_s\\, q_b \\cdot n_j}, \\qquad
+    \\mathrm{top}_b = \\operatorname{top-N}_j\\, q_b \\cdot n_j
+
+  Computed in float32. With ``axis_name``, call inside ``jax.shard_map`` over
+  that axis: ``query`` is the device's ``[B, D]`` rows, ``negatives`` its
+  ``[K / n, D]`` shard, and results are for the device's own queries but over
+  the whole bank (indices are global: ``shard * K / n + local index``).
+
+  Peak extra memory per device: dense ``G * K / n`` logits (4 bytes each);
+  blocked ``G * block_size`` logits plus ``2 * G * N`` top-k candidates, with
+  ``G = n * B``. The ``[G, D]`` gathered queries are counted once.
+
+  Args:
+    query: ``[B, D]`` queries (local rows when sharded).
+    negatives: ``[K, D]`` bank (``[K / n, D]`` local shard when sharded).
+    scales: multipliers ``c_s`` of the similarities, one log-sum-exp each
+      (e.g. ``(1 / temperature,)``).
+    num_top: ``N``, number of hardest entries to return per query (0: none).
+    negative_mask: optional boolean ``[B, K]`` (sharded: ``[G, K / n]``, the
+      device's column block of the global mask); False drops that entry for
+      that query from both the log-sum-exp and the top-k.
+    axis_name: mesh axis the bank and the queries are sharded over, or None.
+    block_size: bank rows per block. None chooses dense or blocked by size;
+      0 forces dense.
+
+  Returns:
+    A `BankStats` with ``lse [S, B]``, ``top_similarities [B, N]`` and
+    ``top_indices [B, N]``.
+  """
+  n, g, k_local = check_bank(query, negatives, negative_mask, axis_name)
+  num_top = _checks.non_negative_int('num_top', num_top)
+  if num_top > n * k_local:
+    raise ValueError(
+        f'num_top={num_top} is larger than the bank ({n * k_local} entries)')
+  scales = tuple(float(s) for s in scales)
+  q = gather_queries(jnp.asarray(query, jnp.float32), axis_name)
+  bank = jnp.asarray(negatives, jnp.float32)
+  local_top = min(num_top, k_local)
+  block = _resolve_block_size(block_size, g, k_local)
+  if block:
+    lse, top_v, top_i = _blocked(q, bank, negative_mask, scales, local_top,
+                                 block)
+  else:
+    lse, top_v, top_i = _dense(q, bank, negative_mask, scales, local_top)
+  top_v = lax.stop_gradient(top_v)
+  top_i = jnp.where(jnp.isfinite(top_v), top_i, -1)
+  if axis_name is None:
+    return BankStats(lse, top_v, top_i)
+  return _reduce_to_owner(lse, top_v, top_i, k_local, num_top, n, axis_name)
+
+
+def _reduce_to_owner(lse, top_v, top_i, k_local, num_top, n, axis_name):
+  """Combines per-shard statistics of all G queries on their owners."""
+  b = lse.shape[1] // n
+  me = lax.axis_index(axis_name)
+  # Log-sum-exp: shift by a shared stop-gradient max (pmax has no
+  # differentiation rule, so the stop_gradient goes inside), sum the
+  # exponentials of the owner's rows across shards.
+  m = lax.pmax(lax.stop_gradient(lse), axis_name)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  s = lax.psum_scatter(jnp.exp(lse - m), axis_name, scatter_dimension=1,
+                       tiled=True)
+  m_own = lax.dynamic_slice_in_dim(m, me * b, b, axis=1)
+  lse_own = safe_log(s) + m_own
+  if not num_top:
+    return BankStats(lse_own, top_v[:b, :0], top_i[:b, :0])
+  # Hardest-k: each shard sends every owner its local candidates, the owner
+  # keeps the best num_top. Candidates arrive in shard order, so ties still
+  # go to the lower global index, as in the dense top-k.
+  top_i = jnp.where(top_i >= 0, top_i + me * k_local, -1)
+  nl = top_v.shape[1]
+  v = lax.all_to_all(top_v.reshape(n, b, nl), axis_name, 0, 0)
+  i = lax.all_to_all(top_i.reshape(n, b, nl), axis_name, 0, 0)
+  v = jnp.moveaxis(v, 0, 1).reshape(b, n * nl)
+  i = jnp.moveaxis(i, 0, 1).reshape(b, n * nl)
+  top_v, pos = lax.top_k(v, num_top)
+  top_i = jnp.take_along_axis(i, pos, axis=1)
+  return BankStats(lse_own, top_v, jnp.where(jnp.isfinite(top_v), top_i, -1))
+
+
+def gather_rows(
+    negatives: jax.Array,
+    indices: jax.Array,
+    weights: jax.Array,
+    *,
+    axis_name: str | None = None,
+) -> jax.Array:
+  """Weighted sums of bank rows: ``out[b, m] = sum_p w[b, m, p] n[i[b, m, p]]``.
+
+  The bank may be sharded: each device contributes the rows it owns for all
+  ``G`` queries and the partial sums are reduce-scattered to their owners, so
+  only ``[G, M, D]`` partial sums are ever held, never the whole bank.
+  Index ``-1`` contributes nothing.
+
+  Args:
+    negatives: ``[K, D]`` bank (``[K / n, D]`` local shard when sharded).
+    indices: ``[B, M, P]`` int global bank indices.
+    weights: ``[B, M, P]`` float weights.
+    axis_name: mesh axis of the bank shards, or None.
+
+  Returns:
+    ``[B, M, D]`` float32 weighted sums.
+  """
+  k_local = negatives.shape[0]
+  bank = jnp.asarray(negatives, jnp.float32)
+  if axis_name is not None:
+    indices = lax.all_gather(indices, axis_name, tiled=True)
+    weights = lax.all_gather(weights, axis_name, tiled=True)
+    indices = indices - lax.axis_index(axis_name) * k_local
+  owned = (indices >= 0) & (indices < k_local)
+  rows = bank[jnp.clip(indices, 0, k_local - 1)]  # [., M, P, D]
+  out = jnp.sum(rows * jnp.where(owned, weights, 0.0)[..., None], axis=2)
+  if axis_name is not None:
+    out = lax.psum_scatter(out, axis_name, scatter_dimension=0, tiled=True)
+  return out

@@ -1,0 +1,214 @@
+"""Losses of queries against a bank of negatives (MoCo-style queues).
+
+All of them accept ``axis_name``: inside ``jax.shard_map`` over that axis the
+queries are the device's rows and the bank is the device's shard; see
+`hnjax.bank` for the layout and the per-device memory bound.
+"""
+
+import math
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from hnjax import _checks
+from hnjax import bank as bank_lib
+
+
+def _pair(query, positive):
+  _checks.embeddings('query', query)
+  _checks.floating('positive', positive)
+  _checks.same_shape('query', query, 'positive', positive)
+  return (jnp.asarray(query, jnp.float32), jnp.asarray(positive, jnp.float32))
+
+
+def info_nce(
+    query: jax.typing.ArrayLike,
+    positive: jax.typing.ArrayLike,
+    negatives: jax.typing.ArrayLike,
+    *,
+    temperature: jax.typing.ArrayLike,
+    negative_mask: jax.typing.ArrayLike | None = None,
+    extra_negatives: jax.typing.ArrayLike | None = None,
+    axis_name: str | None = None,
+    block_size: int | None = None,
+) -> jax.Array:
+  """InfoNCE of each query against its positive and a bank of negatives.
+
+  With ``T`` the temperature, positive ``k``, shared negatives ``n_j`` (the
+  unmasked ones for this query) and per-query negatives ``h_m``:
+
+  .. math::
+    \\ell = -\\log \\frac{e^{q\\cdot k/T}}{e^{q\\cdot k/T}
+      + \\sum_j e^{q\\cdot n_j/T} + \\sum_m e^{q\\cdot h_m/T}}
+
+  This is MoCo's ``CrossEntropy([q·k | q·queue] / T, 0)`` (label 0), with
+  MoCHi's synthetic negatives appended through ``extra_negatives``. Inputs
+  are used as given (normalise them first) and gradients flow into every
+  argument that carries one; a MoCo queue and keys are stop-gradient by
+  construction (ALGORITHMS.md §8.13). Logits and log-sum-exps are float32
+  whatever the input dtype; a query whose negatives are all masked still
+  has a finite loss (the positive is always in the denominator).
+
+  With ``axis_name`` (inside ``jax.shard_map``): ``query``, ``positive``,
+  ``extra_negatives`` are the device's rows, ``negatives`` its ``[K / n, D]``
+  bank shard, and the result equals the single-device loss over the whole
+  bank, values and gradients (log-sum-exps combined across shards). Per
+  device it holds ``[G, K / n]`` logits (dense) or ``[G, block_size]``
+  (blocked), ``G`` the global batch; never the whole bank.
+
+  Args:
+    query: ``[B, D]`` queries.
+    positive: ``[B, D]`` positive keys.
+    negatives: ``[K, D]`` negatives shared by all queries (``[K / n, D]``
+      local shard when sharded).
+    temperature: ``T > 0`` (a float, or an array for a learnable one).
+    negative_mask: optional bool ``[B, K]`` (sharded: ``[G, K / n]``), False
+      removes that negative for that query.
+    extra_negatives: optional ``[B, M, D]`` per-query negatives.
+    axis_name: mesh axis the batch and the bank are sharded over, or None.
+    block_size: bank rows per block (None: automatic; 0: dense).
+
+  Returns:
+    ``[B]`` float32 per-example losses.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from hnjax.losses import info_nce
+    >>> q = jnp.array([[1., 0.]])
+    >>> k = jnp.array([[1., 0.]])
+    >>> queue = jnp.array([[0., 1.], [-1., 0.]])
+    >>> info_nce(q, k, queue, temperature=1.0)  # log(1 + e^-1 + e^-2)
+    Array([0.4076059], dtype=float32)
+
+  References:
+    van den Oord et al., "Representation Learning with Contrastive Predictive
+    Coding", 2018, https://arxiv.org/abs/1807.03748;
+    He et al., "Momentum Contrast for Unsupervised Visual Representation
+    Learning", CVPR 2020, https://arxiv.org/abs/1911.05722
+  """
+  q, k = _pair(query, positive)
+  _checks.positive('temperature', temperature)
+  inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
+  l_pos = jnp.sum(q * k, axis=-1) * inv_t
+  # Scaling the query (not the logits) keeps a learnable temperature
+  # differentiable while the bank kernel only sees static scales.
+  stats = bank_lib.bank_stats(
+      q * inv_t, negatives, scales=(1.0,), negative_mask=negative_mask,
+      axis_name=axis_name, block_size=block_size)
+  terms = [l_pos, stats.lse[0]]
+  if extra_negatives is not None:
+    h = jnp.asarray(extra_negatives, jnp.float32)
+    if h.ndim != 3 or h.shape[0] != q.shape[0] or h.shape[2] != q.shape[1]:
+      raise ValueError(
+          f'extra_negatives must have shape [B, M, D] with B, D = '
+          f'{q.shape}, got {h.shape}')
+    terms.append(bank_lib.logsumexp(jnp.einsum('bd,bmd->bm', q, h) * inv_t))
+  return bank_lib.logsumexp(jnp.stack(terms, axis=-1)) - l_pos
+
+
+def hard_contrastive(
+    query: jax.typing.ArrayLike,
+    positive: jax.typing.ArrayLike,
+    negatives: jax.typing.ArrayLike,
+    *,
+    temperature: float,
+    beta: float,
+    tau_plus: float,
+    negative_mask: jax.typing.ArrayLike | None = None,
+    axis_name: str | None = None,
+    block_size: int | None = None,
+    stop_gradient_weights: bool = False,
+) -> jax.Array:
+  """Hard negative sampling loss (HCL), with DCL and InfoNCE as special cases.
+
+  As in joshr17/HCL: with ``pos = e^{q·k/T}``, ``neg_j = e^{q·n_j/T}`` over
+  the query's ``N`` unmasked negatives and importance weights
+  ``imp_j = e^{β q·n_j/T}``,
+
+  .. math::
+    R = \\frac{\\sum_j imp_j\\, neg_j}{\\operatorname{mean}_j imp_j}, \\quad
+    N_g = \\max\\Big(\\frac{R - \\tau^+ N\\, pos}{1 - \\tau^+},
+                    N e^{-1/T}\\Big), \\quad
+    \\ell = -\\log \\frac{pos}{pos + N_g}.
+
+  ``beta=0`` is the debiased loss DCL (Chuang et al.); ``beta=0,
+  tau_plus=0`` is InfoNCE for unit-norm inputs. Everything is computed in
+  log space, so small temperatures do not overflow. As in the official code
+  the importance weights carry gradient; ``stop_gradient_weights=True``
+  detaches them. A query with all negatives masked gets loss 0.
+
+  Args:
+    query: ``[B, D]`` queries.
+    positive: ``[B, D]`` positives.
+    negatives: ``[K, D]`` negatives (``[K / n, D]`` shard when sharded).
+    temperature: ``T > 0``.
+    beta: concentration ``β >= 0`` of the importance weights (0: none).
+    tau_plus: class prior ``τ⁺`` in ``[0, 1)``.
+    negative_mask: optional bool ``[B, K]`` (sharded: ``[G, K / n]``).
+    axis_name: mesh axis for a sharded batch and bank (see `info_nce`).
+    block_size: bank rows per block (None: automatic; 0: dense).
+    stop_gradient_weights: detach the importance weights.
+
+  Returns:
+    ``[B]`` float32 per-example losses.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from hnjax.losses import hard_contrastive, info_nce
+    >>> q, k = jnp.array([[1., 0.]]), jnp.array([[0.6, 0.8]])
+    >>> negs = jnp.array([[0., 1.], [-1., 0.]])
+    >>> hard_contrastive(q, k, negs, temperature=0.5, beta=0., tau_plus=0.)
+    Array([0.2941...], dtype=float32)
+    >>> info_nce(q, k, negs, temperature=0.5)
+    Array([0.2941...], dtype=float32)
+
+  References:
+    Robinson et al., "Contrastive Learning with Hard Negative Samples",
+    ICLR 2021, https://arxiv.org/abs/2010.04592;
+    Chuang et al., "Debiased Contrastive Learning", NeurIPS 2020,
+    https://arxiv.org/abs/2007.00224
+  """
+  q, k = _pair(query, positive)
+  _checks.positive('temperature', temperature)
+  t = _checks.concrete_or_none(temperature)
+  b_ = _checks.concrete_or_none(beta)
+  tp = _checks.concrete_or_none(tau_plus)
+  if t is None or b_ is None or tp is None:
+    raise ValueError('temperature, beta and tau_plus must be Python floats')
+  if not 0.0 <= tp < 1.0:
+    raise ValueError(f'tau_plus must be in [0, 1), got {tp}')
+  if b_ < 0.0:
+    raise ValueError(f'beta must be >= 0, got {b_}')
+  l_pos = jnp.sum(q * k, axis=-1) / t
+  # lse of (β+1)s/T, of βs/T, and of 0 (= log N, the unmasked count).
+  scales = (b_ + 1.0, b_, 0.0) if b_ != 0.0 else (1.0, 0.0)
+  stats = bank_lib.bank_stats(
+      q / t, negatives, scales=scales, negative_mask=negative_mask,
+      axis_name=axis_name, block_size=block_size)
+  lse_imp_neg, log_n = stats.lse[0], stats.lse[-1]
+  lse_imp = stats.lse[1] if b_ != 0.0 else None
+  if b_ != 0.0 and stop_gradient_weights:
+    # With imp_j held fixed, d lse((β+1)s) / ds_j must lose its factor β+1;
+    # the value is unchanged. The normaliser mean(imp) is a constant.
+    sg = lax.stop_gradient(lse_imp_neg)
+    lse_imp_neg = sg + (lse_imp_neg - sg) / (b_ + 1.0)
+    lse_imp = lax.stop_gradient(lse_imp)
+  has_neg = jnp.isfinite(log_n)
+  log_n_safe = jnp.where(has_neg, log_n, 0.0)
+  if b_ != 0.0:
+    log_r = (jnp.where(has_neg, lse_imp_neg, 0.0)
+             - jnp.where(has_neg, lse_imp, 0.0) + log_n_safe)
+  else:
+    log_r = jnp.where(has_neg, lse_imp_neg, 0.0)
+  if tp > 0.0:
+    # log(R - τ⁺ N pos), defined only where R > τ⁺ N pos.
+    d = math.log(tp) + log_n_safe + l_pos - log_r
+    ok = d < 0
+    log_diff = log_r + jnp.log1p(-jnp.exp(jnp.where(ok, d, -1.0)))
+    log_diff = jnp.where(ok, log_diff, -jnp.inf) - math.log1p(-tp)
+  else:
+    log_diff = log_r
+  log_ng = jnp.maximum(log_diff, log_n_safe - 1.0 / t)
+  loss = jnp.logaddexp(l_pos, log_ng) - l_pos
+  return jnp.where(has_neg, loss, 0.0)

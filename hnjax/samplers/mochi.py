@@ -1,0 +1,132 @@
+"""MoCHi: synthetic hard negatives mixed from a query's hardest negatives."""
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from hnjax import _checks
+from hnjax import bank as bank_lib
+
+_EPS = 1e-12
+
+
+def _row_draws(key, row, num_valid, num_mix, num_query_mix):
+  """Mixing positions and weights for one query, from its own key."""
+  k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(key, row), 4)
+  hi = jnp.maximum(num_valid, 1)
+  pairs = jax.random.randint(k1, (num_mix, 2), 0, hi)
+  alpha = jax.random.uniform(k2, (num_mix,))
+  single = jax.random.randint(k3, (num_query_mix,), 0, hi)
+  beta = jax.random.uniform(k4, (num_query_mix,), maxval=0.5)
+  return pairs, alpha, single, beta
+
+
+def mochi(
+    key: jax.Array,
+    query: jax.typing.ArrayLike,
+    negatives: jax.typing.ArrayLike,
+    *,
+    num_hard: int,
+    num_mix: int,
+    num_query_mix: int,
+    negative_mask: jax.typing.ArrayLike | None = None,
+    axis_name: str | None = None,
+    block_size: int | None = None,
+) -> jax.Array:
+  """MoCHi synthetic hard negatives (Kalantidis et al., 2020).
+
+  For each query q, let n_1..n_N be its ``N = num_hard`` hardest unmasked
+  negatives (`hardest_negatives`). Then
+
+  * ``num_mix`` type-1 negatives mix two of them:
+    ``h = norm(α n_i + (1 - α) n_j)``, i, j ~ U{1..N} with replacement,
+    α ~ U(0, 1);
+  * ``num_query_mix`` type-2 negatives mix the query with one of them:
+    ``h' = norm(β q + (1 - β) n_j)``, β ~ U(0, 0.5), so the negative always
+    dominates. It mixes the *query*, never the positive key.
+
+  Everything returned is stop-gradient, the q inside h' included
+  (ALGORITHMS.md §8.13): append the results to the loss as extra negatives,
+  e.g. ``info_nce(..., extra_negatives=mochi(...))``, and never enqueue them.
+
+  Each query draws its randomness from ``fold_in(key, global row index)``,
+  so results do not depend on how the batch is split over devices. Only the
+  ``2 * num_mix + num_query_mix`` bank rows that are mixed are gathered per
+  query, never the ``[B, N, D]`` hardest set. With ``axis_name`` the hardest
+  set is selected over the whole sharded bank and the gathered rows are
+  reduce-scattered to the query's device; peak memory per device is that of
+  `hardest_negatives` plus ``G * (num_mix + num_query_mix) * D`` floats.
+
+  A query with fewer than ``N`` unmasked negatives mixes only those it has;
+  one with none (a fully masked row) gets all-zero vectors, which add
+  ``exp(0)`` terms to a softmax: avoid fully masked rows.
+
+  Args:
+    key: a PRNG key, the same on every device.
+    query: ``[B, D]`` unit-norm queries.
+    negatives: ``[K, D]`` unit-norm bank (local ``[K / n, D]`` shard when
+      sharded).
+    num_hard: ``N``, the size of the hardest set, ``1 <= N <= K``.
+    num_mix: ``s``, number of type-1 negatives per query, ``>= 0``.
+    num_query_mix: ``s'``, number of type-2 negatives per query, ``>= 0``.
+    negative_mask: optional bool ``[B, K]`` (sharded: ``[G, K / n]``); False
+      entries are never selected (e.g. `same_id_mask`).
+    axis_name: mesh axis the queries and the bank are sharded over, or None.
+    block_size: bank rows per block for the selection (None: automatic).
+
+  Returns:
+    ``[B, num_mix + num_query_mix, D]`` float32 unit vectors: type-1 first,
+    then type-2.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from hnjax.samplers import mochi
+    >>> q = jnp.array([[1., 0.]])
+    >>> bank = jnp.array([[0., 1.], [0.6, 0.8], [-1., 0.]])
+    >>> h = mochi(jax.random.key(0), q, bank, num_hard=1, num_mix=2,
+    ...           num_query_mix=1)
+    >>> h.shape
+    (1, 3, 2)
+    >>> jnp.allclose(h[0, :2], bank[1])  # type 1 with N=1: the hardest itself
+    Array(True, dtype=bool)
+
+  References:
+    Kalantidis et al., "Hard Negative Mixing for Contrastive Learning",
+    NeurIPS 2020, https://arxiv.org/abs/2010.01028
+  """
+  _checks.positive_int('num_hard', num_hard)
+  num_mix = _checks.non_negative_int('num_mix', num_mix)
+  num_query_mix = _checks.non_negative_int('num_query_mix', num_query_mix)
+  q = lax.stop_gradient(jnp.asarray(query, jnp.float32))
+  bank = lax.stop_gradient(jnp.asarray(negatives, jnp.float32))
+  stats = bank_lib.bank_stats(
+      q, bank, num_top=num_hard, negative_mask=negative_mask,
+      axis_name=axis_name, block_size=block_size)
+  top = stats.top_indices  # [B, N] global indices, -1 past the valid ones.
+  num_valid = jnp.sum(top >= 0, axis=1)
+  b = q.shape[0]
+  first_row = 0 if axis_name is None else lax.axis_index(axis_name) * b
+  rows = first_row + jnp.arange(b)
+  pairs, alpha, single, beta = jax.vmap(
+      _row_draws, in_axes=(None, 0, 0, None, None))(
+          key, rows, num_valid, num_mix, num_query_mix)
+  # Gather only the rows that get mixed: [B, s, 2] and [B, s', 1].
+  idx1 = jnp.take_along_axis(top, pairs.reshape(b, -1), 1).reshape(pairs.shape)
+  idx2 = jnp.take_along_axis(top, single, 1)[..., None]
+  w1 = jnp.stack([alpha, 1.0 - alpha], axis=-1)
+  w2 = (1.0 - beta)[..., None]
+  if num_mix and num_query_mix:
+    # One gather (and one reduce-scatter when sharded) for both types.
+    idx = jnp.concatenate([idx1, jnp.pad(idx2, ((0, 0), (0, 0), (0, 1)),
+                                         constant_values=-1)], axis=1)
+    w = jnp.concatenate([w1, jnp.pad(w2, ((0, 0), (0, 0), (0, 1)))], axis=1)
+  elif num_mix:
+    idx, w = idx1, w1
+  else:
+    idx, w = idx2, w2
+  mixed = bank_lib.gather_rows(bank, idx, w, axis_name=axis_name)
+  mixed = mixed.at[:, num_mix:].add(beta[..., None] * q[:, None, :])
+  norm = jnp.sqrt(jnp.sum(mixed * mixed, axis=-1, keepdims=True))
+  h = mixed / jnp.maximum(norm, _EPS)
+  return lax.stop_gradient(
+      jnp.where((num_valid > 0)[:, None, None], h, 0.0))

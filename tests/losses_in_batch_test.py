@@ -1,0 +1,240 @@
+"""Tests for symmetric_info_nce, sigmoid_contrastive and m2mix."""
+
+import math
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hnjax import losses
+from tests import testing
+
+
+def np_ce(logits, label, eps=0.0):
+  logits = np.asarray(logits, np.float64)
+  mx = logits.max()
+  log_p = logits - (mx + np.log(np.sum(np.exp(logits - mx))))
+  target = np.full(logits.shape, eps / logits.size)
+  target[label] += 1.0 - eps
+  return -np.sum(target * log_p)
+
+
+def np_symmetric(a, b, t, eps=0.0):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  logits = a @ b.T / t
+  return np.array([0.5 * (np_ce(logits[i], i, eps) + np_ce(logits[:, i], i, eps))
+                   for i in range(a.shape[0])])
+
+
+def np_sigmoid(a, b, scale, bias):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  out = np.zeros(a.shape[0])
+  for i in range(a.shape[0]):
+    for j in range(b.shape[0]):
+      z = 1.0 if i == j else -1.0
+      x = z * (scale * a[i] @ b[j] + bias)
+      out[i] += np.log1p(np.exp(-x))  # -log sigmoid(x)
+  return out
+
+
+def np_slerp(a, b, lam):
+  """The textbook formula of the m²-mix code: sin-weighted sum."""
+  theta = np.arccos(np.clip(np.sum(a * b, -1, keepdims=True), -1, 1))
+  return (np.sin(lam * theta) * a + np.sin((1 - lam) * theta) * b) / np.sin(
+      theta)
+
+
+def np_m2mix(v, t, lam, tau):
+  v, t = np.asarray(v, np.float64), np.asarray(t, np.float64)
+  m = np_slerp(v, t, lam)
+  n = v.shape[0]
+  out = np.zeros(n)
+  for i in range(n):
+    li = np.array([v[i] @ (t[i] if j == i else m[j]) for j in range(n)]) / tau
+    lt = np.array([t[i] @ (v[i] if j == i else m[j]) for j in range(n)]) / tau
+    out[i] = np_ce(li, i) + np_ce(lt, i)
+  return out
+
+
+class SymmetricInfoNCETest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(2)
+    self.a = testing.unit(rng, 5, 4)
+    self.b = testing.unit(rng, 5, 4)
+
+  def test_hand_computed(self):
+    x = jnp.eye(2)
+    out = losses.symmetric_info_nce(x, x, temperature=1.0)
+    np.testing.assert_allclose(out, [math.log1p(math.exp(-1))] * 2, rtol=1e-6)
+
+  @parameterized.parameters((0.07, 0.0), (0.5, 0.1))
+  def test_matches_numpy(self, t, eps):
+    out = losses.symmetric_info_nce(self.a, self.b, temperature=t,
+                                    label_smoothing=eps)
+    np.testing.assert_allclose(out, np_symmetric(self.a, self.b, t, eps),
+                               rtol=1e-5)
+
+  def test_jit_equals_eager(self):
+    f = lambda a: losses.symmetric_info_nce(a, self.b, temperature=0.1,
+                                            label_smoothing=0.1)
+    np.testing.assert_allclose(jax.jit(f)(self.a), f(self.a), rtol=1e-5)
+
+  def test_gradients(self):
+    g = jax.grad(lambda a, b: losses.symmetric_info_nce(
+        a, b, temperature=0.5, label_smoothing=0.1).sum(), (0, 1))(
+            self.a, self.b)
+    ref_a = testing.numeric_grad(
+        lambda a: np_symmetric(a, self.b, 0.5, 0.1).sum(), self.a)
+    ref_b = testing.numeric_grad(
+        lambda b: np_symmetric(self.a, b, 0.5, 0.1).sum(), self.b)
+    np.testing.assert_allclose(g[0], ref_a, atol=1e-4)
+    np.testing.assert_allclose(g[1], ref_b, atol=1e-4)
+
+  @parameterized.parameters(1e-3, 10.0)
+  def test_extreme_temperatures(self, t):
+    f = lambda a: losses.symmetric_info_nce(a, self.b, temperature=t)
+    np.testing.assert_allclose(f(self.a), np_symmetric(self.a, self.b, t),
+                               rtol=1e-4)
+    self.assertTrue(testing.all_finite(jax.grad(lambda a: f(a).sum())(self.a)))
+
+  def test_bfloat16(self):
+    cast = lambda x: jnp.asarray(x, jnp.bfloat16)
+    out = losses.symmetric_info_nce(cast(self.a), cast(self.b),
+                                    temperature=0.1)
+    self.assertEqual(out.dtype, jnp.float32)
+    np.testing.assert_allclose(
+        out, np_symmetric(np.asarray(cast(self.a), np.float64),
+                          np.asarray(cast(self.b), np.float64), 0.1),
+        rtol=1e-4)
+
+  def test_bad_input(self):
+    with self.assertRaisesRegex(ValueError, 'a and b must have the same shape'):
+      losses.symmetric_info_nce(self.a, self.b[:4], temperature=1.0)
+    with self.assertRaisesRegex(ValueError, 'temperature must be > 0, got 0'):
+      losses.symmetric_info_nce(self.a, self.b, temperature=0.0)
+    with self.assertRaisesRegex(ValueError, r'label_smoothing must be in'):
+      losses.symmetric_info_nce(self.a, self.b, temperature=1.0,
+                                label_smoothing=1.0)
+    with self.assertRaisesRegex(ValueError, "axis_name='data'"):
+      losses.symmetric_info_nce(self.a, self.b, temperature=1.0,
+                                axis_name='data')
+
+
+class SigmoidContrastiveTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(3)
+    self.a = testing.unit(rng, 6, 4)
+    self.b = testing.unit(rng, 6, 4)
+
+  def test_hand_computed(self):
+    x = jnp.eye(2)
+    out = losses.sigmoid_contrastive(x, x, scale=1.0, bias=0.0)
+    expected = -math.log(1 / (1 + math.exp(-1))) - math.log(0.5)
+    np.testing.assert_allclose(out, [expected] * 2, rtol=1e-6)
+
+  def test_matches_numpy_with_siglip_init(self):
+    out = losses.sigmoid_contrastive(self.a, self.b, scale=10.0, bias=-10.0)
+    np.testing.assert_allclose(out, np_sigmoid(self.a, self.b, 10.0, -10.0),
+                               rtol=1e-5)
+
+  def test_normalised_by_batch_not_pairs(self):
+    # The batch mean of the per-row sums, i.e. sum over pairs / B.
+    out = losses.sigmoid_contrastive(self.a, self.b, scale=10.0, bias=-10.0)
+    total = np_sigmoid(self.a, self.b, 10.0, -10.0).sum()
+    np.testing.assert_allclose(jnp.mean(out), total / 6, rtol=1e-5)
+
+  def test_jit_equals_eager(self):
+    f = lambda a: losses.sigmoid_contrastive(a, self.b, scale=5.0, bias=-2.0)
+    np.testing.assert_allclose(jax.jit(f)(self.a), f(self.a), rtol=1e-5)
+
+  def test_gradients_including_scale_and_bias(self):
+    g = jax.grad(lambda a, s, c: losses.sigmoid_contrastive(
+        a, self.b, scale=s, bias=c).sum(), (0, 1, 2))(self.a, 10.0, -10.0)
+    np.testing.assert_allclose(g[0], testing.numeric_grad(
+        lambda a: np_sigmoid(a, self.b, 10.0, -10.0).sum(), self.a), atol=1e-4)
+    num_s = (np_sigmoid(self.a, self.b, 10 + 1e-5, -10).sum() -
+             np_sigmoid(self.a, self.b, 10 - 1e-5, -10).sum()) / 2e-5
+    num_b = (np_sigmoid(self.a, self.b, 10, -10 + 1e-5).sum() -
+             np_sigmoid(self.a, self.b, 10, -10 - 1e-5).sum()) / 2e-5
+    np.testing.assert_allclose([g[1], g[2]], [num_s, num_b], rtol=1e-4)
+
+  def test_large_logits_finite(self):
+    out = losses.sigmoid_contrastive(self.a, -self.b, scale=1e4, bias=0.0)
+    self.assertTrue(testing.all_finite(out))
+    g = jax.grad(lambda a: losses.sigmoid_contrastive(
+        a, -self.b, scale=1e4, bias=0.0).sum())(self.a)
+    self.assertTrue(testing.all_finite(g))
+
+  def test_bad_input(self):
+    with self.assertRaisesRegex(ValueError, 'scale must be > 0, got -1.0'):
+      losses.sigmoid_contrastive(self.a, self.b, scale=-1.0, bias=0.0)
+    with self.assertRaisesRegex(ValueError, 'same shape'):
+      losses.sigmoid_contrastive(self.a, self.b[:, :3], scale=1.0, bias=0.0)
+
+
+class M2MixTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(4)
+    self.v = testing.unit(rng, 5, 4)
+    self.t = testing.unit(rng, 5, 4)
+
+  def test_hand_computed(self):
+    # Two orthogonal pairs, lam=1: mixtures are the images themselves.
+    v = jnp.array([[1., 0.], [0., 1.]])
+    t = jnp.array([[0., 1.], [1., 0.]])
+    out = losses.m2mix(v, t, 1.0, temperature=1.0)
+    # Image row 0: [v0·t0, v0·v1] = [0, 0]; text row 0: [t0·v0, t0·v1] = [0, 1].
+    expected = math.log(2) + (math.log(1 + math.e) - 0.0)
+    np.testing.assert_allclose(out, [expected] * 2, rtol=1e-6)
+
+  @parameterized.parameters(0.1, 0.5, 0.9)
+  def test_matches_numpy(self, lam):
+    out = losses.m2mix(self.v, self.t, lam, temperature=0.07)
+    np.testing.assert_allclose(out, np_m2mix(self.v, self.t, lam, 0.07),
+                               rtol=1e-4)
+
+  def test_jit_equals_eager(self):
+    f = lambda v: losses.m2mix(v, self.t, 0.3)
+    np.testing.assert_allclose(jax.jit(f)(self.v), f(self.v), rtol=1e-5)
+
+  def test_gradient_flows_through_mixtures(self):
+    # Embeddings are normalised upstream, as in every CLIP model; the
+    # mixture's gradient is then fixed by its values on the sphere.
+    tau = 0.5
+    jnorm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    nnorm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    g = jax.grad(lambda v, t: losses.m2mix(
+        jnorm(v), jnorm(t), 0.4, temperature=tau).sum(), (0, 1))(
+            self.v, self.t)
+    ref_v = testing.numeric_grad(
+        lambda v: np_m2mix(nnorm(v), self.t, 0.4, tau).sum(), self.v)
+    ref_t = testing.numeric_grad(
+        lambda t: np_m2mix(self.v, nnorm(t), 0.4, tau).sum(), self.t)
+    np.testing.assert_allclose(g[0], ref_v, atol=1e-4)
+    np.testing.assert_allclose(g[1], ref_t, atol=1e-4)
+
+  def test_identical_and_antipodal_pairs_are_finite(self):
+    for t in (self.v, -self.v):
+      f = lambda v, t=t: losses.m2mix(v, t, 0.5).sum()
+      self.assertTrue(testing.all_finite(f(self.v)))
+      self.assertTrue(testing.all_finite(jax.grad(f)(self.v)))
+
+  def test_bad_input(self):
+    with self.assertRaisesRegex(ValueError, 'lam must be a scalar'):
+      losses.m2mix(self.v, self.t, jnp.ones(5))
+    with self.assertRaisesRegex(ValueError, 'temperature must be > 0'):
+      losses.m2mix(self.v, self.t, 0.5, temperature=0.0)
+    with self.assertRaisesRegex(ValueError, 'image and text'):
+      losses.m2mix(self.v, self.t[:3], 0.5)
+
+
+if __name__ == '__main__':
+  absltest.main()

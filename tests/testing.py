@@ -1,0 +1,29 @@
+"""Test helpers shared by the suite (no reference implementations here)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
+  """Random unit vectors along the last axis, float32."""
+  x = rng.normal(size=shape)
+  return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+  """Central finite differences of a float64 NumPy scalar function."""
+  x = np.asarray(x, np.float64)
+  g = np.zeros_like(x)
+  it = np.nditer(x, flags=['multi_index'])
+  for _ in it:
+    i = it.multi_index
+    xp, xm = x.copy(), x.copy()
+    xp[i] += eps
+    xm[i] -= eps
+    g[i] = (f(xp) - f(xm)) / (2 * eps)
+  return g
+
+
+def all_finite(tree) -> bool:
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
