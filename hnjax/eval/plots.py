@@ -1,0 +1,255 @@
+"""PNG plots of a run's logs: training curves and hard-negative statistics.
+
+Reads what :class:`hnjax.train.writer.MetricWriter` writes (``metrics.jsonl``
+and ``histograms.jsonl``) and draws, into the workdir:
+
+- ``<metric>.png`` for each curve present among ``loss``, ``knn_top1``,
+  ``proxy_acc`` (accuracy of the contrastive proxy task: how often the
+  positive has the largest logit), ``pos_logit``, ``neg_logit`` and
+  ``hard_neg_sim``, or for the metrics named by the caller;
+- ``hist_<name>.png`` for each histogram, e.g. of the similarities of the
+  hardest negatives: a heat map of the distribution against the step, and the
+  distributions at a few steps overlaid.
+
+These are the analyses of the MoCHi paper (Kalantidis et al., 2020, Figs. 2-3):
+proxy-task accuracy and the hardness of the negatives over training.
+:func:`plot_comparison` puts several runs (e.g. MoCo v2 and MoCHi) in one
+figure. Nothing here crashes on a run with one logged step or missing files.
+
+References:
+  Kalantidis et al., Hard Negative Mixing for Contrastive Learning, 2020.
+  https://arxiv.org/abs/2010.01028
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')  # Files only; no display needed.
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib import pyplot as plt
+import numpy as np
+
+from hnjax.train import writer as writer_lib
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+DEFAULT_METRICS = (
+    'loss',
+    'knn_top1',
+    'proxy_acc',
+    'pos_logit',
+    'neg_logit',
+    'hard_neg_sim',
+)
+
+
+def _curves(
+    records: Sequence[dict[str, Any]]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """name -> (steps, values) over the records that have the name."""
+  curves = {}
+  for r in records:
+    for name, value in r.items():
+      if name != 'step' and isinstance(value, (int, float)):
+        curves.setdefault(name, ([], []))
+        curves[name][0].append(r['step'])
+        curves[name][1].append(value)
+  out = {}
+  for name, (steps, values) in curves.items():
+    order = np.argsort(steps, kind='stable')
+    out[name] = (np.asarray(steps)[order], np.asarray(values, float)[order])
+  return out
+
+
+def _plot_curve(ax, steps, values, label=None):
+  # Markers make a single logged step visible.
+  ax.plot(
+      steps,
+      values,
+      marker='o' if len(steps) < 30 else None,
+      markersize=3,
+      label=label,
+  )
+
+
+def plot_run(
+    workdir: str | os.PathLike[str],
+    *,
+    metrics: Sequence[str] | None = None,
+) -> list[str]:
+  """Draws the curves and histograms of one run into its workdir.
+
+  Args:
+    workdir: a run directory with ``metrics.jsonl`` and/or
+      ``histograms.jsonl``.
+    metrics: metric names to plot; ``None`` plots those of
+      :data:`DEFAULT_METRICS` that were logged. Names that were never logged
+      are skipped.
+
+  Returns:
+    Paths of the PNG files written (empty if there was nothing to plot).
+  """
+  workdir = os.fspath(workdir)
+  curves = _curves(
+      writer_lib.read_jsonl(os.path.join(workdir, writer_lib.METRICS_FILE))
+  )
+  names = DEFAULT_METRICS if metrics is None else metrics
+  written = []
+  for name in names:
+    if name not in curves:
+      continue
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _plot_curve(ax, *curves[name])
+    ax.set_xlabel('step')
+    ax.set_ylabel(name)
+    ax.set_title(name)
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, os.path.join(workdir, f'{name}.png')))
+  histograms = _histograms(
+      writer_lib.read_jsonl(os.path.join(workdir, writer_lib.HISTOGRAMS_FILE))
+  )
+  for name, records in histograms.items():
+    written.append(
+        _plot_histograms(
+            name, records, os.path.join(workdir, f'hist_{name}.png')
+        )
+    )
+  return written
+
+
+def _histograms(records):
+  """name -> records with the latest edges, sorted by step."""
+  by_name = {}
+  for r in records:
+    if {'name', 'edges', 'counts'} <= r.keys():
+      by_name.setdefault(r['name'], []).append(r)
+  out = {}
+  for name, rs in by_name.items():
+    # Edges changed mid-run (a config edit): plot the latest ones only.
+    rs = [r for r in rs if r['edges'] == rs[-1]['edges']]
+    out[name] = sorted(rs, key=lambda r: r['step'])
+  return out
+
+
+def _plot_histograms(name, records, path):
+  edges = np.asarray(records[-1]['edges'], float)
+  steps = np.asarray([r['step'] for r in records], float)
+  counts = np.asarray([r['counts'] for r in records], float)  # [T, bins]
+  density = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+  fig, (ax_map, ax_lines) = plt.subplots(1, 2, figsize=(12, 4.5))
+
+  # Heat map: column t is the distribution at steps[t].
+  if len(steps) > 1:
+    mid = (steps[1:] + steps[:-1]) / 2
+    step_edges = np.concatenate(
+        [
+            [steps[0] - (mid[0] - steps[0])],
+            mid,
+            [steps[-1] + (steps[-1] - mid[-1])],
+        ]
+    )
+  else:
+    step_edges = np.array([steps[0] - 0.5, steps[0] + 0.5])
+  mesh = ax_map.pcolormesh(
+      step_edges, edges, density.T, shading='flat', cmap='viridis'
+  )
+  fig.colorbar(mesh, ax=ax_map, label='fraction')
+  ax_map.set_xlabel('step')
+  ax_map.set_ylabel(name)
+  ax_map.set_title(f'{name} over training')
+
+  # A few distributions overlaid: first, last and evenly spaced between.
+  picks = sorted(set(np.linspace(0, len(records) - 1, 5).round().astype(int)))
+  centres = (edges[1:] + edges[:-1]) / 2
+  colors = plt.get_cmap('plasma')(np.linspace(0, 0.9, len(picks)))
+  for color, i in zip(colors, picks):
+    ax_lines.plot(
+        centres, density[i], color=color, label=f'step {int(steps[i])}'
+    )
+  ax_lines.set_xlabel(name)
+  ax_lines.set_ylabel('fraction')
+  ax_lines.set_title(f'{name} at a few steps')
+  ax_lines.legend()
+  ax_lines.grid(alpha=0.3)
+  return _save(fig, path)
+
+
+def plot_comparison(
+    workdirs: Sequence[str | os.PathLike[str]],
+    out_png: str | os.PathLike[str],
+    *,
+    labels: Sequence[str] | None = None,
+    metrics: Sequence[str] | None = None,
+) -> str | None:
+  """Overlays several runs' curves, one panel per metric, in one PNG.
+
+  Besides the metrics, each histogram name gets a panel of its mean over
+  training (e.g. how similar the hardest negatives are under MoCo v2 and
+  under MoCHi).
+
+  Args:
+    workdirs: run directories.
+    out_png: output file.
+    labels: legend names, one per workdir; default the directory names.
+    metrics: as in :func:`plot_run`.
+
+  Returns:
+    ``out_png``, or ``None`` if no run had anything to plot.
+
+  Raises:
+    ValueError: if ``labels`` and ``workdirs`` differ in length.
+  """
+  workdirs = [os.fspath(w) for w in workdirs]
+  if labels is None:
+    labels = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+  if len(labels) != len(workdirs):
+    raise ValueError(
+        f'labels has {len(labels)} entries for {len(workdirs)} workdirs'
+    )
+  names = DEFAULT_METRICS if metrics is None else metrics
+  runs = []  # (label, {panel: (steps, values)})
+  for label, w in zip(labels, workdirs):
+    curves = _curves(
+        writer_lib.read_jsonl(os.path.join(w, writer_lib.METRICS_FILE))
+    )
+    panels = {n: curves[n] for n in names if n in curves}
+    for hname, records in _histograms(
+        writer_lib.read_jsonl(os.path.join(w, writer_lib.HISTOGRAMS_FILE))
+    ).items():
+      means = [
+          (r['step'], r['mean']) for r in records if r.get('mean') is not None
+      ]
+      if means:
+        steps, values = zip(*means)
+        panels[f'{hname} (mean)'] = (np.asarray(steps), np.asarray(values))
+    runs.append((label, panels))
+  panel_names = list(dict.fromkeys(n for _, p in runs for n in p))
+  if not panel_names:
+    return None
+  cols = min(3, len(panel_names))
+  rows = math.ceil(len(panel_names) / cols)
+  fig, axes = plt.subplots(
+      rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False
+  )
+  for ax, panel in zip(axes.flat, panel_names):
+    for label, panels in runs:
+      if panel in panels:
+        _plot_curve(ax, *panels[panel], label=label)
+    ax.set_title(panel)
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+    ax.legend()
+  for ax in list(axes.flat)[len(panel_names) :]:
+    ax.axis('off')
+  return _save(fig, os.fspath(out_png))
+
+
+def _save(fig, path: str) -> str:
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

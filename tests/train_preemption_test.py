@@ -1,0 +1,136 @@
+"""Tests for hnjax.train.preemption."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+
+from absl.testing import absltest
+import pytest
+
+from hnjax.train import preemption
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class PreemptionGuardTest(absltest.TestCase):
+
+  def test_sigterm_sets_flag_and_handlers_are_restored(self):
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with preemption.PreemptionGuard() as guard:
+      self.assertFalse(guard.should_stop(1))
+      os.kill(os.getpid(), signal.SIGTERM)
+      self.assertTrue(guard.stop_requested)
+      self.assertTrue(guard.should_stop(2))
+      self.assertTrue(guard.should_stop())
+    for s, handler in before.items():
+      self.assertIs(signal.getsignal(s), handler)
+
+  def test_first_ctrl_c_is_a_flag_second_aborts(self):
+    with preemption.PreemptionGuard() as guard:
+      os.kill(os.getpid(), signal.SIGINT)  # No KeyboardInterrupt.
+      self.assertTrue(guard.should_stop(1))
+      with self.assertRaises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+
+  def test_repeated_sigterm_does_not_kill(self):
+    calls = []
+    old = signal.signal(signal.SIGTERM, lambda *a: calls.append(a))
+    try:
+      with preemption.PreemptionGuard() as guard:
+        for _ in range(3):
+          os.kill(os.getpid(), signal.SIGTERM)
+        self.assertTrue(guard.should_stop(1))
+      self.assertEqual(calls, [])  # The outer handler never ran...
+      os.kill(os.getpid(), signal.SIGTERM)
+      self.assertLen(calls, 1)  # ...and is back after the guard.
+    finally:
+      signal.signal(signal.SIGTERM, old)
+
+  def test_request_stop_and_other_thread(self):
+    result = {}
+
+    def run():
+      with preemption.PreemptionGuard() as guard:
+        result['before'] = guard.should_stop(1)
+        guard.request_stop()
+        result['after'] = guard.should_stop(2)
+
+    with self.assertLogs('absl', 'WARNING'):
+      t = threading.Thread(target=run)
+      t.start()
+      t.join()
+    self.assertEqual(result, {'before': False, 'after': True})
+
+  def test_bad_sync_every(self):
+    with self.assertRaisesRegex(ValueError, 'sync_every must be >= 1, got 0'):
+      preemption.PreemptionGuard(sync_every=0)
+
+
+_WORKER = """
+import json, os, signal, sys
+pid, port = int(sys.argv[1]), sys.argv[2]
+sys.path.insert(0, {repo!r})
+import jax
+jax.distributed.initialize(f'127.0.0.1:{{port}}', 2, pid)
+from hnjax.train import preemption
+
+stopped_at = None
+with preemption.PreemptionGuard(sync_every=4) as guard:
+  for step in range(1, 20):
+    if pid == 1 and step == 5:
+      os.kill(os.getpid(), signal.SIGTERM)  # Only process 1 is preempted.
+    if guard.should_stop(step):
+      stopped_at = step
+      break
+print('RESULT' + json.dumps(dict(
+    stopped_at=stopped_at, local=guard.stop_requested)))
+"""
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+class MultiProcessTest(absltest.TestCase):
+
+  def test_processes_agree_on_the_stop_step(self):
+    tmp = self.enter_context(tempfile.TemporaryDirectory())
+    script = os.path.join(tmp, 'worker.py')
+    with open(script, 'w') as f:
+      f.write(_WORKER.format(repo=_REPO))
+    port = str(_free_port())
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES='1', XLA_FLAGS='')
+    procs = [
+        subprocess.Popen(  # pylint: disable=consider-using-with
+            [sys.executable, script, str(i), port],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    results = []
+    for p in procs:
+      stdout, stderr = p.communicate(timeout=120)
+      self.assertEqual(p.returncode, 0, stderr[-3000:])
+      line = [l for l in stdout.splitlines() if l.startswith('RESULT')][-1]
+      results.append(json.loads(line[len('RESULT') :]))
+    # The signal arrived at step 5 on process 1; the next agreement is at 8.
+    self.assertEqual(
+        results,
+        [{'stopped_at': 8, 'local': False}, {'stopped_at': 8, 'local': True}],
+    )
+
+
+if __name__ == '__main__':
+  absltest.main()
