@@ -102,6 +102,27 @@ def _merge_top(run_v, run_i, v, i, num_top):
   return top_v, jnp.take_along_axis(cat_i, pos, axis=1)
 
 
+def _varying_axes(x) -> set[str]:
+  t = jax.typeof(x)
+  mat = getattr(t, 'manual_axis_type', None)  # jax 0.10; later: t.vma
+  return set(mat.varying if mat is not None else getattr(t, 'vma', ()))
+
+
+def _varying_like(tree, *refs):
+  """Gives loop-carry constants the manual axes their updates will vary over.
+
+  Inside ``shard_map`` a scan carry must keep its type; a constant initial
+  value is device-invariant while the block updates vary across devices.
+  """
+  axes = set().union(*(_varying_axes(r) for r in refs if r is not None))
+
+  def cast(x):
+    missing = tuple(sorted(axes - _varying_axes(x)))
+    return lax.pcast(x, missing, to='varying') if missing else x
+
+  return jax.tree.map(cast, tree)
+
+
 def _scan_blocks(body, carry, k: int, block: int):
   """Runs ``body(carry, start, size)`` over [0, k) in blocks of ``block``."""
   num_full, rem = divmod(k, block)
@@ -141,6 +162,7 @@ def _blocked_forward(q, bank, mask, scales, num_top, block):
           jnp.zeros((num_s, g), jnp.float32),
           jnp.full((g, num_top), -jnp.inf, jnp.float32),
           jnp.full((g, num_top), -1, jnp.int32))
+  init = _varying_like(init, q, bank, mask)
   m, acc, top_v, top_i = _scan_blocks(body, init, k, block)
   lse = safe_log(acc) + jnp.where(jnp.isfinite(m), m, 0.0)
   return lse, top_v, top_i
@@ -181,8 +203,10 @@ def _blocked_bwd(scales, num_top, block, res, cts):
   # Two loops, so that XLA drops the bank gradient when nobody uses it
   # (a memory queue) instead of carrying a dead [K, D] buffer.
   k = bank.shape[0]
-  dq = _scan_blocks(dq_body, jnp.zeros_like(q), k, block)
-  dbank = _scan_blocks(dbank_body, jnp.zeros_like(bank), k, block)
+  zeros = _varying_like((jnp.zeros_like(q), jnp.zeros_like(bank)), q, bank,
+                        mask, g_lse)
+  dq = _scan_blocks(dq_body, zeros[0], k, block)
+  dbank = _scan_blocks(dbank_body, zeros[1], k, block)
   return dq, dbank, None
 
 

@@ -58,7 +58,7 @@ def alignment(
 
   Examples:
     >>> from hnjax.eval import geometry
-    >>> geometry.alignment([[1., 0.], [0., 1.]], [[1., 0.], [1., 0.]])
+    >>> round(geometry.alignment([[1., 0.], [0., 1.]], [[1., 0.], [1., 0.]]), 6)
     1.0
 
   References:

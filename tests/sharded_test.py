@@ -1,0 +1,296 @@
+"""Sharded functions equal their single-device references on 1, 2, 8 devices.
+
+The global batch and the bank are sharded over a ``'data'`` mesh axis, the
+functions run inside ``jax.shard_map`` with ``axis_name='data'``, and values
+and gradients are compared with the same function called on the whole,
+unsharded arrays.
+"""
+
+import functools
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+from hnjax import losses
+from hnjax import parallel
+from hnjax import queue as queue_lib
+from hnjax import samplers
+from tests import testing
+
+MESH_SIZES = (1, 2, 8)
+ROWS, COLS, REP = P('data'), P(None, 'data'), P()
+
+
+def sharded(fn, n, in_specs, out_specs):
+  mesh = parallel.make_mesh(n)
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs,
+                               out_specs=out_specs))
+
+
+class ShardedLossTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(30)
+    self.q = testing.unit(rng, 16, 8)
+    self.k = testing.unit(rng, 16, 8)
+    self.bank = testing.unit(rng, 48, 8)
+    self.extra = testing.unit(rng, 16, 3, 8)
+    self.mask = rng.random((16, 48)) > 0.2
+    self.mask[5] = False
+
+  def assert_same(self, fn, n, args, specs, atol=1e-5):
+    """fn(*args, axis_name) sharded == fn(*args, None), values and grads."""
+    ref_fn = lambda *a: fn(*a, None)
+    shard_fn = sharded(lambda *a: fn(*a, 'data'), n, specs, ROWS)
+    np.testing.assert_allclose(shard_fn(*args), ref_fn(*args), atol=atol,
+                               rtol=1e-5)
+    diff = tuple(i for i, a in enumerate(args)
+                 if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating))
+    g_ref = jax.grad(lambda *a: ref_fn(*a).sum(), diff)(*args)
+    g_shard = jax.grad(lambda *a: shard_fn(*a).sum(), diff)(*args)
+    for i, a, b in zip(diff, g_shard, g_ref):
+      np.testing.assert_allclose(a, b, atol=atol, err_msg=f'grad of arg {i}')
+
+  @parameterized.product(n=MESH_SIZES, block_size=(0, 4))
+  def test_info_nce(self, n, block_size):
+    fn = lambda q, k, b, m, e, ax: losses.info_nce(
+        q, k, b, temperature=0.1, negative_mask=m, extra_negatives=e,
+        axis_name=ax, block_size=block_size)
+    self.assert_same(fn, n, (self.q, self.k, self.bank, self.mask, self.extra),
+                     (ROWS, ROWS, ROWS, COLS, ROWS))
+
+  @parameterized.parameters(*MESH_SIZES)
+  def test_hard_contrastive(self, n):
+    fn = lambda q, k, b, m, ax: losses.hard_contrastive(
+        q, k, b, temperature=0.5, beta=1.0, tau_plus=0.1, negative_mask=m,
+        axis_name=ax)
+    self.assert_same(fn, n, (self.q, self.k, self.bank, self.mask),
+                     (ROWS, ROWS, ROWS, COLS))
+
+  @parameterized.parameters(*MESH_SIZES)
+  def test_symmetric_info_nce(self, n):
+    fn = lambda a, b, ax: losses.symmetric_info_nce(
+        a, b, temperature=0.1, label_smoothing=0.1, axis_name=ax)
+    self.assert_same(fn, n, (self.q, self.k), (ROWS, ROWS))
+
+  @parameterized.parameters(*MESH_SIZES)
+  def test_sigmoid_contrastive(self, n):
+    fn = lambda a, b, ax: losses.sigmoid_contrastive(
+        a, b, scale=10.0, bias=-10.0, axis_name=ax)
+    self.assert_same(fn, n, (self.q, self.k), (ROWS, ROWS), atol=1e-4)
+
+  @parameterized.product(n=MESH_SIZES, block_size=(0, 4))
+  def test_hardest_negatives(self, n, block_size):
+    fn = lambda q, b, m, ax: samplers.hardest_negatives(
+        q, b, 10, negative_mask=m, axis_name=ax, block_size=block_size)
+    ref = fn(self.q, self.bank, self.mask, None)
+    out = sharded(lambda *a: fn(*a, 'data'), n, (ROWS, ROWS, COLS),
+                  (ROWS, ROWS))(self.q, self.bank, self.mask)
+    np.testing.assert_array_equal(out[1], ref[1])  # global indices
+    np.testing.assert_allclose(out[0], ref[0], atol=1e-6)
+
+  @parameterized.product(n=MESH_SIZES, num_hard=(1, 7))
+  def test_mochi(self, n, num_hard):
+    # Each query draws from fold_in(key, global row): results are equal,
+    # not just equal in distribution, for any number of shards.
+    key = jax.random.key(4)
+    fn = lambda q, b, m, ax: samplers.mochi(
+        key, q, b, num_hard=num_hard, num_mix=5, num_query_mix=4,
+        negative_mask=m, axis_name=ax)
+    ref = fn(self.q, self.bank, self.mask, None)
+    out = sharded(lambda *a: fn(*a, 'data'), n, (ROWS, ROWS, COLS), ROWS)(
+        self.q, self.bank, self.mask)
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+
+  @parameterized.parameters(2, 8)
+  def test_mochi_with_info_nce_gradient(self, n):
+    # The MoCHi loss: gradient only through the query's left-hand side.
+    key = jax.random.key(5)
+
+    def fn(q, k, b, ax):
+      h = samplers.mochi(key, q, b, num_hard=6, num_mix=4, num_query_mix=2,
+                         axis_name=ax)
+      return losses.info_nce(q, k, b, temperature=0.2, extra_negatives=h,
+                             axis_name=ax)
+
+    self.assert_same(fn, n, (self.q, self.k, self.bank), (ROWS, ROWS, ROWS))
+
+  def test_per_device_memory_layout(self):
+    # Each device holds its [K / n, D] shard, never the whole bank.
+    mesh = parallel.make_mesh(8)
+
+    def body(q, b):
+      self.assertEqual(b.shape, (6, 8))
+      self.assertEqual(q.shape, (2, 8))
+      return losses.info_nce(q, q, b, temperature=0.1, axis_name='data')
+
+    jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(ROWS, ROWS),
+                          out_specs=ROWS))(self.q, self.bank)
+
+  def test_unknown_axis_name(self):
+    mesh = parallel.make_mesh(8)
+    f = jax.shard_map(
+        lambda q, b: losses.info_nce(q, q, b, temperature=0.1,
+                                     axis_name='batch'),
+        mesh=mesh, in_specs=(ROWS, ROWS), out_specs=ROWS)
+    with self.assertRaisesRegex(ValueError, "axis_name='batch' is not a mesh"):
+      jax.jit(f)(self.q, self.bank)
+
+  def test_sharded_mask_shape_is_checked(self):
+    f = sharded(lambda q, b, m: losses.info_nce(
+        q, q, b, temperature=0.1, negative_mask=m, axis_name='data'), 8,
+                (ROWS, ROWS, ROWS), ROWS)
+    with self.assertRaisesRegex(ValueError, r'\[global batch, local bank '
+                                r'shard\] = \(16, 6\), got \(2, 48\)'):
+      f(self.q, self.bank, self.mask)
+
+
+class ShardedQueueTest(parameterized.TestCase):
+
+  def test_init_shards(self):
+    mesh = parallel.make_mesh(8)
+    q = queue_lib.init(jax.random.key(0), 64, 4,
+                       sharding=NamedSharding(mesh, ROWS))
+    self.assertLen(q.keys.addressable_shards, 8)
+    for s in q.keys.addressable_shards:
+      self.assertEqual(s.data.shape, (8, 4))
+    np.testing.assert_allclose(np.linalg.norm(q.keys, axis=1), 1.0, rtol=1e-6)
+    self.assertTrue(q.ptr.sharding.is_fully_replicated)
+    np.testing.assert_array_equal(q.ids, -1)
+
+  def test_init_not_divisible(self):
+    mesh = parallel.make_mesh(8)
+    with self.assertRaisesRegex(
+        ValueError, 'queue size 60 is not divisible by the number of shards 8'):
+      queue_lib.init(jax.random.key(0), 60, 4,
+                     sharding=NamedSharding(mesh, ROWS))
+
+  @parameterized.parameters(1, 2, 8)
+  def test_ids_follow_keys_and_wrap(self, n):
+    mesh = parallel.make_mesh(n)
+    size, dim, g = 48, 3, 16
+    q = queue_lib.init(jax.random.key(0), size, dim,
+                       sharding=NamedSharding(mesh, ROWS))
+    enq = queue_lib.make_enqueue(mesh)
+    seen = []
+    for step in range(5):  # 80 keys into 48 slots: wraps around
+      ids = np.arange(step * g, (step + 1) * g, dtype=np.int32)
+      keys = np.stack([ids, -ids, 2 * ids], 1).astype(np.float32)
+      q = enq(q, keys, ids, ids % 7)
+      seen.extend(ids)
+    ids, keys, labels = (np.asarray(x) for x in (q.ids, q.keys, q.labels))
+    np.testing.assert_array_equal(keys[:, 0], ids)  # ids follow their keys
+    np.testing.assert_array_equal(keys[:, 1], -ids)
+    np.testing.assert_array_equal(labels, ids % 7)
+    # FIFO: exactly the newest `size` ids survive, whatever n.
+    np.testing.assert_array_equal(np.sort(ids), np.arange(80 - size, 80))
+    self.assertEqual(int(q.ptr), 80 % size)
+
+  def test_single_device_ring(self):
+    q = queue_lib.init(jax.random.key(0), 5, 2)
+    for i in range(3):
+      q = queue_lib.enqueue(q, np.full((2, 2), i, np.float32),
+                            ids=np.array([2 * i, 2 * i + 1]))
+    np.testing.assert_array_equal(q.ids, [5, 1, 2, 3, 4])  # wrapped
+    self.assertEqual(int(q.ptr), 1)
+
+  def test_each_device_writes_its_own_shard_without_communication(self):
+    mesh = parallel.make_mesh(8)
+    q = queue_lib.init(jax.random.key(0), 64, 4,
+                       sharding=NamedSharding(mesh, ROWS))
+    enq = queue_lib.make_enqueue(mesh)
+    keys = np.repeat(np.arange(16, dtype=np.float32)[:, None], 4, 1)
+    ids = np.arange(16, dtype=np.int32)
+    hlo = enq.lower(q, keys, ids, ids).compile().as_text()
+    for op in ('all-gather', 'all-to-all', 'all-reduce', 'collective-permute',
+               'reduce-scatter'):
+      self.assertNotIn(op, hlo)
+    q = enq(q, keys, ids, ids)
+    for d, s in enumerate(q.ids.addressable_shards):
+      # Device d holds rows [8d, 8d + 8); its 2 keys went to its first rows.
+      np.testing.assert_array_equal(np.asarray(s.data)[:2],
+                                    [2 * d, 2 * d + 1])
+
+  def test_enqueue_donates(self):
+    mesh = parallel.make_mesh(8)
+    q = queue_lib.init(jax.random.key(0), 64, 4,
+                       sharding=NamedSharding(mesh, ROWS))
+    old = q.keys
+    q = queue_lib.make_enqueue(mesh)(q, np.ones((16, 4), np.float32),
+                                     np.zeros(16, np.int32),
+                                     np.zeros(16, np.int32))
+    self.assertTrue(old.is_deleted())
+
+  def test_same_id_mask_removes_own_earlier_copy(self):
+    # The query's own earlier key is the closest bank entry; masking by id
+    # removes it from the global hardest set on every shard count.
+    rng = np.random.default_rng(31)
+    bank = testing.unit(rng, 64, 8)
+    bank_ids = np.arange(64, dtype=np.int32) + 100
+    q_ids = bank_ids[::4][:16]
+    query = bank[::4][:16] + 0.01 * testing.unit(rng, 16, 8)
+
+    def fn(q, b, qi, bi):
+      mask = samplers.same_id_mask(jax.lax.all_gather(qi, 'data', tiled=True),
+                                   bi)
+      return samplers.hardest_negatives(q, b, 3, negative_mask=mask,
+                                        axis_name='data')[1]
+
+    for n in (1, 8):
+      idx = np.asarray(sharded(fn, n, (ROWS, ROWS, ROWS, ROWS), ROWS)(
+          query, bank, q_ids, bank_ids))
+      for r in range(16):
+        self.assertNotIn(4 * r, idx[r])
+    unmasked = samplers.hardest_negatives(query, bank, 1)[1]
+    np.testing.assert_array_equal(unmasked[:, 0], np.arange(0, 64, 4))
+
+  def test_bad_enqueue(self):
+    mesh = parallel.make_mesh(8)
+    q = queue_lib.init(jax.random.key(0), 16, 4,
+                       sharding=NamedSharding(mesh, ROWS))
+    enq = queue_lib.make_enqueue(mesh)
+    with self.assertRaisesRegex(ValueError, 'per-device batch 4 is larger '
+                                'than the queue shard \\(2 rows\\)'):
+      enq(q, np.ones((32, 4), np.float32), np.zeros(32, np.int32),
+          np.zeros(32, np.int32))
+    with self.assertRaisesRegex(ValueError, 'keys must have dim 4'):
+      enq(q, np.ones((8, 3), np.float32), np.zeros(8, np.int32),
+          np.zeros(8, np.int32))
+    with self.assertRaisesRegex(ValueError, "axis_name='model' is not an axis"):
+      queue_lib.make_enqueue(mesh, 'model')
+
+
+class GatherTest(parameterized.TestCase):
+
+  @parameterized.parameters('all', 'local', 'none')
+  def test_gradient_semantics(self, mode):
+    x = np.random.default_rng(32).normal(size=(8, 3)).astype(np.float32)
+    w = np.random.default_rng(33).normal(size=(8, 8, 3)).astype(np.float32)
+
+    def body(x, w):  # each device: its own weights on the gathered rows
+      full = parallel.gather(x, 'data', gradient=mode)
+      return jnp.sum(full * w[0])[None]
+
+    f = sharded(body, 8, (ROWS, ROWS), ROWS)
+    g = jax.grad(lambda x: f(x, w).sum())(x)
+    if mode == 'all':
+      expected = w.sum(0)  # every device's loss reaches every row
+    elif mode == 'local':
+      expected = np.stack([w[d, d] for d in range(8)])
+    else:
+      expected = np.zeros_like(x)
+    np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-6)
+
+  def test_bad_mode(self):
+    with self.assertRaisesRegex(ValueError, "gradient must be .* got 'some'"):
+      parallel.gather(jnp.zeros(2), 'data', gradient='some')
+
+
+if __name__ == '__main__':
+  absltest.main()
