@@ -95,14 +95,55 @@ def mochi(
     NeurIPS 2020, https://arxiv.org/abs/2010.01028
   """
   _checks.positive_int('num_hard', num_hard)
+  q = lax.stop_gradient(jnp.asarray(query, jnp.float32))
+  stats = bank_lib.bank_stats(
+      q, lax.stop_gradient(negatives), num_top=num_hard,
+      negative_mask=negative_mask, axis_name=axis_name,
+      block_size=block_size)
+  return mochi_mix(key, q, negatives, stats.top_indices, num_mix=num_mix,
+                   num_query_mix=num_query_mix, axis_name=axis_name)
+
+
+def mochi_mix(
+    key: jax.Array,
+    query: jax.typing.ArrayLike,
+    negatives: jax.typing.ArrayLike,
+    hardest_indices: jax.typing.ArrayLike,
+    *,
+    num_mix: int,
+    num_query_mix: int,
+    axis_name: str | None = None,
+) -> jax.Array:
+  """MoCHi's mixing step, given each query's hardest set.
+
+  `mochi` is `hardest_negatives` followed by this function; call it directly
+  when the hardest set is already known, e.g. from the same pass over the
+  bank that computes the loss (`hnjax.bank.bank_stats` with ``num_top``).
+
+  Args:
+    key: a PRNG key, the same on every device.
+    query: ``[B, D]`` unit-norm queries.
+    negatives: ``[K, D]`` bank (``[K / n, D]`` local shard when sharded).
+    hardest_indices: ``[B, N]`` int global bank indices of each query's
+      hardest negatives, ``-1`` for missing ones (as returned by
+      `hardest_negatives`).
+    num_mix: ``s >= 0`` type-1 negatives per query.
+    num_query_mix: ``s' >= 0`` type-2 negatives per query.
+    axis_name: mesh axis the queries and the bank are sharded over, or None.
+
+  Returns:
+    ``[B, num_mix + num_query_mix, D]`` float32 stop-gradient unit vectors
+    (zeros for a query without any valid hardest negative).
+  """
   num_mix = _checks.non_negative_int('num_mix', num_mix)
   num_query_mix = _checks.non_negative_int('num_query_mix', num_query_mix)
+  _checks.embeddings('query', query)
   q = lax.stop_gradient(jnp.asarray(query, jnp.float32))
   bank = lax.stop_gradient(jnp.asarray(negatives, jnp.float32))
-  stats = bank_lib.bank_stats(
-      q, bank, num_top=num_hard, negative_mask=negative_mask,
-      axis_name=axis_name, block_size=block_size)
-  top = stats.top_indices  # [B, N] global indices, -1 past the valid ones.
+  top = jnp.asarray(hardest_indices, jnp.int32)
+  if top.ndim != 2 or top.shape[0] != q.shape[0]:
+    raise ValueError(f'hardest_indices must have shape [B, N] with B = '
+                     f'{q.shape[0]}, got {top.shape}')
   num_valid = jnp.sum(top >= 0, axis=1)
   b = q.shape[0]
   first_row = 0 if axis_name is None else lax.axis_index(axis_name) * b

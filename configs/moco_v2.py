@@ -1,0 +1,147 @@
+r"""MoCo v2 (He et al. 2020; Chen et al. 2020), the baseline of MoCHi.
+
+Papers: https://arxiv.org/abs/1911.05722, https://arxiv.org/abs/2003.04297
+
+Run (the embedded shapes data; 2-core CPU, see README for the numbers):
+
+  python -m launch.moco --config=configs/moco_v2.py --workdir=runs/moco_v2
+
+Presets after the colon, comma separated:
+
+  data=shapes|digits|cifar10|cifar100|imagenet100|imagenet
+  model=convnet|resnet18_cifar|resnet50_cifar|resnet50|...
+  smoke      a tiny run (under a minute on one CPU) that still writes
+             several checkpoints, for tests and for trying things out.
+
+Expected results (seed 0):
+  data=shapes   convnet, 12 epochs: kNN top-1 in the README's results table,
+                about 3-4 minutes on a 2-core CPU.
+  data=cifar10  ResNet-18, 200 epochs, batch 512: the official MoCo CIFAR demo
+                reports kNN 82.6 (asymmetric loss); not run here (no GPU).
+  data=imagenet ResNet-50, 200 epochs, batch 256 on 8 accelerators: 67.5
+                linear top-1 in the MoCo repository; not run here.
+"""
+
+import ml_collections as mlc
+
+from configs import common
+
+# Per-dataset recipes. CIFAR follows the official MoCo CIFAR-10 demo
+# (facebookresearch/moco colab-notebook branch), ImageNet-100 the MoCHi
+# configuration of MaugrimEP/MocoAndMochi, ImageNet MoCo v2.
+_DATA = {
+    'shapes': dict(
+        name='shapes32', image_size=32, backbone='convnet', batch_size=256,
+        num_epochs=12, queue_size=4096, temperature=0.2, momentum=0.99,
+        learning_rate=0.06, weight_decay=5e-4, blur_prob=0.0,
+        mochi=(256, 256, 64), mochi_warmup_epochs=1, probe_epochs=30),
+    'digits': dict(
+        name='digits', image_size=8, backbone='convnet', batch_size=128,
+        num_epochs=60, queue_size=1024, temperature=0.2, momentum=0.99,
+        learning_rate=0.06, weight_decay=5e-4, blur_prob=0.0,
+        mochi=(64, 64, 32), mochi_warmup_epochs=5, probe_epochs=50),
+    'cifar10': dict(
+        name='cifar10', image_size=32, backbone='resnet18_cifar',
+        batch_size=512, num_epochs=200, queue_size=4096, temperature=0.1,
+        momentum=0.99, learning_rate=0.06, weight_decay=5e-4, blur_prob=0.0,
+        mochi=(512, 512, 128), mochi_warmup_epochs=10, probe_epochs=100),
+    'cifar100': dict(
+        name='cifar100', image_size=32, backbone='resnet18_cifar',
+        batch_size=512, num_epochs=200, queue_size=4096, temperature=0.1,
+        momentum=0.99, learning_rate=0.06, weight_decay=5e-4, blur_prob=0.0,
+        mochi=(512, 512, 128), mochi_warmup_epochs=10, probe_epochs=100),
+    'imagenet100': dict(
+        name='imagenet100', image_size=224, backbone='resnet50',
+        batch_size=128, num_epochs=200, queue_size=16384, temperature=0.2,
+        momentum=0.999, learning_rate=0.03, weight_decay=1e-4, blur_prob=0.5,
+        mochi=(1024, 1024, 128), mochi_warmup_epochs=10, probe_epochs=100),
+    'imagenet': dict(
+        name='imagenet2012', image_size=224, backbone='resnet50',
+        batch_size=256, num_epochs=200, queue_size=65536, temperature=0.2,
+        momentum=0.999, learning_rate=0.03, weight_decay=1e-4, blur_prob=0.5,
+        mochi=(1024, 512, 256), mochi_warmup_epochs=10, probe_epochs=100),
+}
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+  """The MoCo v2 config; ``arg`` selects presets (see the module docstring)."""
+  return build(arg, method='moco_v2')
+
+
+def build(arg: str | None, method: str) -> mlc.ConfigDict:
+  """Shared by moco_v2.py and mochi.py (they differ in ``method``)."""
+  arg = common.parse_arg(arg, data='shapes', model='', smoke=False)
+  if arg.data not in _DATA:
+    raise ValueError(f'unknown data preset {arg.data!r}; known: '
+                     f'{", ".join(_DATA)}')
+  d = _DATA[arg.data]
+  c = mlc.ConfigDict()
+  c.method = method  # 'moco_v2' or 'mochi'
+  c.seed = 0
+  c.batch_size = d['batch_size']  # global, over all devices and hosts
+  c.num_epochs = d['num_epochs']
+  c.num_steps = -1  # > 0 overrides num_epochs
+  c.temperature = d['temperature']
+  c.momentum = d['momentum']  # of the key encoder (EMA)
+  c.shuffle_bn = True  # permute the key batch across BN groups (§2.4)
+
+  c.data = mlc.ConfigDict(dict(
+      name=d['name'], data_dir='', image_size=d['image_size'],
+      load_size=0,  # ImageNet: host-side square before the crop (0: 256)
+      classes='',  # imagenet100: comma-separated synsets ('' = CMC list)
+      num_workers=0))
+
+  c.model = mlc.ConfigDict(dict(
+      backbone=arg.model or d['backbone'], head='mlp', dim=128,
+      hidden=0,  # 0: the backbone's feature width, as MoCo v2
+      bn_splits=8,  # BN statistics per group of B/8: shuffle-BN emulation
+      dtype='float32'))
+
+  c.queue = mlc.ConfigDict(dict(
+      size=d['queue_size'],
+      mask_same_id=True,  # drop the query's own earlier keys (§8.1)
+      block_size=-1))  # bank rows per block: -1 auto, 0 dense
+
+  num_hard, num_mix, num_query_mix = d['mochi']
+  c.mochi = mlc.ConfigDict(dict(
+      num_hard=num_hard, num_mix=num_mix, num_query_mix=num_query_mix,
+      warmup_epochs=d['mochi_warmup_epochs']))  # plain MoCo before mixing
+
+  c.optim = mlc.ConfigDict(dict(
+      name='sgd',  # or 'lars'
+      learning_rate=d['learning_rate'],  # for a batch of lr_base_batch
+      lr_base_batch=256 if arg.data.startswith('imagenet') else (
+          d['batch_size']),
+      momentum=0.9, weight_decay=d['weight_decay'], warmup_epochs=0,
+      schedule='cosine'))  # or 'constant'
+
+  c.augment = mlc.ConfigDict(dict(
+      scale_min=0.2, flip_prob=0.5, jitter_prob=0.8, jitter_strength=0.4,
+      hue=0.1, grayscale_prob=0.2, blur_prob=d['blur_prob']))
+
+  c.eval = mlc.ConfigDict(dict(
+      knn_every_steps=-1,  # -1: 4 times per run; 0: only at the end
+      knn_k=200, knn_temperature=0.1,  # InstDisc protocol
+      features='backbone',  # or 'projection'
+      batch_size=512,
+      linear_probe=True, probe_epochs=d['probe_epochs']))
+
+  c.log_every_steps = 20
+  c.hist_every_steps = 100
+  c.ckpt = mlc.ConfigDict(dict(every_steps=200, max_to_keep=3))
+
+  if arg.smoke:
+    c.data.name = 'shapes32/small' if d['name'] == 'shapes32' else c.data.name
+    c.batch_size = 64
+    c.num_epochs = 1
+    c.num_steps = 24
+    c.queue.size = 512
+    c.mochi.num_hard, c.mochi.num_mix, c.mochi.num_query_mix = 32, 16, 8
+    c.mochi.warmup_epochs = 0
+    c.model.dim = 32
+    c.log_every_steps = 4
+    c.hist_every_steps = 8
+    c.ckpt.every_steps = 6
+    c.eval.knn_every_steps = 12
+    c.eval.probe_epochs = 5
+  return c

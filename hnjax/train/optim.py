@@ -1,0 +1,68 @@
+"""Optimizers and learning-rate schedules shared by the trainers."""
+
+from typing import Any, Callable
+
+import optax
+
+OPTIMIZERS = ('sgd', 'lars', 'adam', 'adamw')
+SCHEDULES = ('cosine', 'constant', 'step')
+
+
+def learning_rate_schedule(optim: Any, *, batch_size: int,
+                           steps_per_epoch: int,
+                           total_steps: int) -> Callable[[int], float]:
+  """Linear warm-up then cosine (or constant) decay, scaled by batch size.
+
+  The peak learning rate is ``learning_rate * batch_size / lr_base_batch``
+  (the linear scaling rule of Goyal et al.).
+
+  Args:
+    optim: the ``config.optim`` ConfigDict.
+    batch_size: global batch size.
+    steps_per_epoch: optimizer steps per epoch.
+    total_steps: length of the run.
+
+  Returns:
+    An optax schedule ``step -> learning rate``.
+  """
+  peak = optim.learning_rate * batch_size / optim.lr_base_batch
+  warmup = min(int(optim.warmup_epochs * steps_per_epoch), total_steps - 1)
+  if optim.schedule == 'cosine':
+    decay = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
+  elif optim.schedule == 'step':
+    # The MoCo v1 / SupReMix step schedule: x0.1 at 60% and 80% of the run.
+    decay = optax.piecewise_constant_schedule(
+        peak, {int(0.6 * (total_steps - warmup)): 0.1,
+               int(0.8 * (total_steps - warmup)): 0.1})
+  else:
+    decay = optax.constant_schedule(peak)
+  if not warmup:
+    return decay
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(optim: Any, schedule: Callable[[int], float]
+                   ) -> optax.GradientTransformation:
+  """The optimizer named by ``optim.name``.
+
+  ``'sgd'`` applies weight decay to the gradient before momentum, as
+  ``torch.optim.SGD`` does (the MoCo recipe); ``'lars'`` is optax's LARS;
+  ``'adam'`` couples weight decay like torch Adam, ``'adamw'`` decouples it.
+
+  Args:
+    optim: the ``config.optim`` ConfigDict.
+    schedule: the learning-rate schedule.
+
+  Returns:
+    An optax GradientTransformation.
+  """
+  wd = optim.weight_decay
+  if optim.name == 'sgd':
+    return optax.chain(optax.add_decayed_weights(wd),
+                       optax.sgd(schedule, momentum=optim.momentum))
+  if optim.name == 'lars':
+    return optax.lars(schedule, weight_decay=wd, momentum=optim.momentum)
+  if optim.name == 'adam':
+    return optax.chain(optax.add_decayed_weights(wd), optax.adam(schedule))
+  return optax.adamw(schedule, weight_decay=wd)
