@@ -94,14 +94,6 @@ def _masked(x, mask, start, size):
   return jnp.where(m, x, -jnp.inf)
 
 
-def _merge_top(run_v, run_i, v, i, num_top):
-  """Keeps the num_top largest of two candidate lists; ties favour run_*."""
-  cat_v = jnp.concatenate([run_v, v], axis=1)
-  cat_i = jnp.concatenate([run_i, i], axis=1)
-  top_v, pos = lax.top_k(cat_v, num_top)
-  return top_v, jnp.take_along_axis(cat_i, pos, axis=1)
-
-
 def _varying_axes(x) -> set[str]:
   t = jax.typeof(x)
   mat = getattr(t, 'manual_axis_type', None)  # jax 0.10; later: t.vma
@@ -135,97 +127,153 @@ def _scan_blocks(body, carry, k: int, block: int):
   return carry
 
 
-def _blocked_forward(q, bank, mask, scales, num_top, block):
-  """Online log-sum-exp and running top-k over bank blocks."""
-  g, k = q.shape[0], bank.shape[0]
-  num_s = len(scales)
-  c = jnp.asarray(scales, jnp.float32)[:, None, None]
+def _scales(scales):
+  return jnp.asarray(scales, jnp.float32)[:, None, None]  # [S, 1, 1]
+
+
+def _no_top(g):
+  return jnp.zeros((g, 0), jnp.float32), jnp.zeros((g, 0), jnp.int32)
+
+
+def _chunk_stats(q, bank, mask, scales, num_top, expectation):
+  """Statistics of some queries against the whole (local) bank, densely.
+
+  Returns lse ``[S, R]`` (None without scales), the softmax expectation of
+  the bank rows ``E_s[n]`` ``[S, R, D]`` (or None) and the top-k values and
+  indices ``[R, N]``.
+  """
+  k = bank.shape[0]
+  sims = q @ bank.T  # [R, K]
+  lse = expect = None
+  if scales:
+    x = _masked(_scales(scales) * sims[None], mask, 0, k)
+    m = lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(x - m)  # [S, R, K]
+    acc = jnp.sum(p, axis=-1)
+    lse = safe_log(acc) + m[..., 0]
+    if expectation:
+      expect = jnp.einsum('srk,kd->srd', p, bank) / jnp.where(
+          acc > 0, acc, 1.0)[..., None]
+  top_v, top_i = _no_top(q.shape[0])
+  if num_top:
+    top_v, top_i = lax.top_k(_masked(lax.stop_gradient(sims), mask, 0, k),
+                             num_top)
+  return lse, expect, top_v, top_i.astype(jnp.int32)
+
+
+def _row_top_k(q, bank, mask, num_top, rows):
+  """top_k over the whole bank, ``rows`` queries at a time.
+
+  XLA's top_k costs about ``n + k log k`` per row, so merging per-block
+  top-k lists (paying ``k log k`` per block) is several times slower than
+  one top_k per row over all ``K`` entries; chunks of rows keep the memory
+  at ``rows * K`` logits.
+  """
+  g = q.shape[0]
+  num, rem = divmod(g, rows)
+  sel = lambda qc, mc: _chunk_stats(qc, bank, mc, (), num_top, False)[2:]
+  if num <= 1:
+    return sel(q, mask)
+  split = lambda x: x[:num * rows].reshape((num, rows) + x.shape[1:])
+  v, i = lax.map(lambda a: sel(*a),
+                 (split(q), None if mask is None else split(mask)))
+  v, i = v.reshape(num * rows, -1), i.reshape(num * rows, -1)
+  if rem:
+    tv, ti = sel(q[num * rows:], None if mask is None else mask[num * rows:])
+    v, i = jnp.concatenate([v, tv]), jnp.concatenate([i, ti])
+  return v, i
+
+
+def _column_stats(q, bank, mask, scales, block, expectation):
+  """Online log-sum-exp (and softmax expectation) over bank blocks."""
+  g, d = q.shape
+  c = _scales(scales)
 
   def body(carry, start, size):
-    m, acc, top_v, top_i = carry
-    sims = q @ lax.dynamic_slice_in_dim(bank, start, size).T  # [G, size]
-    x = _masked(c * sims[None], mask, start, size)  # [S, G, size]
-    sims = _masked(sims, mask, start, size)
-    if num_s:
-      new_m = jnp.maximum(m, jnp.max(x, axis=-1))
-      safe = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
-      acc = acc * jnp.exp(m - safe) + jnp.sum(
-          jnp.exp(x - safe[..., None]), axis=-1)
-      m = new_m
-    if num_top:
-      v, i = lax.top_k(sims, min(num_top, size))
-      top_v, top_i = _merge_top(top_v, top_i, v, i.astype(jnp.int32) + start,
-                                num_top)
-    return m, acc, top_v, top_i
+    m, acc, expect = carry
+    blk = lax.dynamic_slice_in_dim(bank, start, size)
+    x = _masked(c * (q @ blk.T)[None], mask, start, size)  # [S, G, size]
+    new_m = jnp.maximum(m, jnp.max(x, axis=-1))
+    safe = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
+    old = jnp.exp(m - safe)  # rescales what was accumulated so far
+    p = jnp.exp(x - safe[..., None])
+    acc = acc * old + jnp.sum(p, axis=-1)
+    if expectation:
+      expect = expect * old[..., None] + jnp.einsum('sgk,kd->sgd', p, blk)
+    return new_m, acc, expect
 
+  num_s = len(scales)
   init = (jnp.full((num_s, g), -jnp.inf, jnp.float32),
           jnp.zeros((num_s, g), jnp.float32),
-          jnp.full((g, num_top), -jnp.inf, jnp.float32),
-          jnp.full((g, num_top), -1, jnp.int32))
+          jnp.zeros((num_s, g, d) if expectation else (0,), jnp.float32))
   init = _varying_like(init, q, bank, mask)
-  m, acc, top_v, top_i = _scan_blocks(body, init, k, block)
+  m, acc, expect = _scan_blocks(body, init, bank.shape[0], block)
   lse = safe_log(acc) + jnp.where(jnp.isfinite(m), m, 0.0)
-  return lse, top_v, top_i
+  if not expectation:
+    return lse, None
+  return lse, expect / jnp.where(acc > 0, acc, 1.0)[..., None]
+
+
+def _forward(q, bank, mask, scales, num_top, block, expectation):
+  """lse ``[S, G]``, expectation ``[S, G, D]`` or None, top-k ``[G, N]``."""
+  g, k = q.shape[0], bank.shape[0]
+  if not block:
+    return _chunk_stats(q, bank, mask, scales, num_top, expectation)
+  lse = expect = None
+  if scales:
+    lse, expect = _column_stats(q, bank, mask, scales, block, expectation)
+  top_v, top_i = _no_top(g)
+  if num_top:
+    # Same memory budget as a column block: rows * K = G * block logits.
+    top_v, top_i = _row_top_k(q, bank, mask, num_top,
+                              max(1, min(g, g * block // k)))
+  return lse, expect, top_v, top_i
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _blocked(q, bank, mask, scales, num_top, block):
-  return _blocked_forward(q, bank, mask, scales, num_top, block)
+def _stats(q, bank, mask, scales, num_top, block):
+  lse, _, top_v, top_i = _forward(q, bank, mask, scales, num_top, block,
+                                  expectation=False)
+  return lse, top_v, top_i
 
 
-def _blocked_fwd(q, bank, mask, scales, num_top, block):
-  out = _blocked_forward(q, bank, mask, scales, num_top, block)
-  return out, (q, bank, mask, out[0])
+def _stats_fwd(q, bank, mask, scales, num_top, block):
+  # The forward pass also accumulates each query's softmax expectation of
+  # the bank rows, E_s[n] = sum_j p_sj n_j: the query gradient is then
+  # sum_s g_s c_s E_s[n], with no second pass over the bank.
+  lse, expect, top_v, top_i = _forward(q, bank, mask, scales, num_top, block,
+                                       expectation=True)
+  return (lse, top_v, top_i), (q, bank, mask, lse, expect)
 
 
-def _blocked_bwd(scales, num_top, block, res, cts):
-  """Recomputes the logits block by block; never holds [G, K]."""
+def _stats_bwd(scales, num_top, block, res, cts):
   del num_top  # The top-k outputs are selection statistics: no gradient.
-  q, bank, mask, lse = res
+  q, bank, mask, lse, expect = res
+  if lse is None:
+    return jnp.zeros_like(q), jnp.zeros_like(bank), None
   g_lse = cts[0]  # [S, G]
-  c = jnp.asarray(scales, jnp.float32)[:, None, None]
+  c = _scales(scales)
+  dq = jnp.sum(g_lse[..., None] * c * expect, axis=0)
 
-  def weights(start, size):
-    """d loss / d sims for one block: sum_s g_s * c_s * softmax_s."""
+  def dbank_body(dbank, start, size):
+    """d loss / d bank rows of one block: (sum_s g_s c_s softmax_s)ᵀ q."""
     sims = q @ lax.dynamic_slice_in_dim(bank, start, size).T
     x = _masked(c * sims[None], mask, start, size)
     p = jnp.exp(x - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
-    return jnp.sum(g_lse[..., None] * c * p, axis=0)  # [G, size]
+    w = jnp.sum(g_lse[..., None] * c * p, axis=0)  # [G, size]
+    return lax.dynamic_update_slice_in_dim(dbank, w.T @ q, start, axis=0)
 
-  def dq_body(dq, start, size):
-    return dq + weights(start, size) @ lax.dynamic_slice_in_dim(
-        bank, start, size)
-
-  def dbank_body(dbank, start, size):
-    return lax.dynamic_update_slice_in_dim(
-        dbank, weights(start, size).T @ q, start, axis=0)
-
-  # Two loops, so that XLA drops the bank gradient when nobody uses it
-  # (a memory queue) instead of carrying a dead [K, D] buffer.
+  # Only a differentiable bank (in-batch negatives) needs this pass; for a
+  # memory queue its result is unused and XLA drops the loop.
   k = bank.shape[0]
-  zeros = _varying_like((jnp.zeros_like(q), jnp.zeros_like(bank)), q, bank,
-                        mask, g_lse)
-  dq = _scan_blocks(dq_body, zeros[0], k, block)
-  dbank = _scan_blocks(dbank_body, zeros[1], k, block)
+  dbank = _scan_blocks(
+      dbank_body, _varying_like(jnp.zeros_like(bank), q, bank, mask, g_lse),
+      k, block or k)
   return dq, dbank, None
 
 
-_blocked.defvjp(_blocked_fwd, _blocked_bwd)
-
-
-def _dense(q, bank, mask, scales, num_top):
-  """The same statistics from one [G, K] logits matrix."""
-  sims = q @ bank.T
-  masked = lambda x: x if mask is None else jnp.where(mask, x, -jnp.inf)
-  lse = jnp.stack([logsumexp(masked(c * sims)) for c in scales]) if scales else (
-      jnp.zeros((0, q.shape[0]), jnp.float32))
-  sims = masked(sims)
-  if num_top:
-    top_v, top_i = lax.top_k(lax.stop_gradient(sims), num_top)
-  else:
-    top_v = jnp.zeros((q.shape[0], 0), jnp.float32)
-    top_i = jnp.zeros((q.shape[0], 0), jnp.int32)
-  return lse, top_v, top_i.astype(jnp.int32)
+_stats.defvjp(_stats_fwd, _stats_bwd)
 
 
 def check_bank(query, negatives, negative_mask, axis_name):
@@ -306,11 +354,9 @@ def bank_stats(
   bank = jnp.asarray(negatives, jnp.float32)
   local_top = min(num_top, k_local)
   block = _resolve_block_size(block_size, g, k_local)
-  if block:
-    lse, top_v, top_i = _blocked(q, bank, negative_mask, scales, local_top,
-                                 block)
-  else:
-    lse, top_v, top_i = _dense(q, bank, negative_mask, scales, local_top)
+  lse, top_v, top_i = _stats(q, bank, negative_mask, scales, local_top, block)
+  if lse is None:
+    lse = jnp.zeros((0, g), jnp.float32)
   top_v = lax.stop_gradient(top_v)
   top_i = jnp.where(jnp.isfinite(top_v), top_i, -1)
   if axis_name is None:

@@ -78,7 +78,7 @@ class BlockedEqualsDenseTest(parameterized.TestCase):
       gb = jax.grad(lambda q, n: fn(q, n, block).sum(), (0, 1))(
           self.q, self.negs)
       for a, b in zip(gb, gd):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
     h_dense = samplers.mochi(jax.random.key(0), self.q, self.negs, num_hard=9,
                              num_mix=5, num_query_mix=2, block_size=0)
     h_blocked = samplers.mochi(jax.random.key(0), self.q, self.negs,

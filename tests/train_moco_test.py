@@ -1,0 +1,247 @@
+"""The MoCo / MoCHi trainer and launcher, as a user runs them.
+
+The launcher runs in subprocesses on 1 CPU device with the ``smoke``
+preset: an interrupted run (kill -9, SIGTERM, a corrupted newest checkpoint)
+must end bit-identical to an uninterrupted one, bad configs must fail in one
+line before anything is written, and a non-finite loss must stop the run.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import mochi as mochi_config
+from configs import moco_v2 as moco_config
+from hnjax import checkpoint
+from hnjax import parallel
+from hnjax.train import loop
+from hnjax.train import moco
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SMOKE = ['--config=configs/mochi.py:smoke', '--config.eval.linear_probe=False']
+
+
+def _env():
+  # Resume semantics, not speed: skip XLA's slow optimisation passes.
+  env = dict(os.environ, PYTHONPATH=_ROOT, JAX_NUM_CPU_DEVICES='1',
+             JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  # Same data for every test process, prepared once.
+  env.setdefault('HNJAX_DATA_DIR', os.path.join(tempfile.gettempdir(),
+                                                'hnjax_test_data'))
+  return env
+
+
+def _launch(workdir, *args, wait=True):
+  cmd = [sys.executable, '-m', 'launch.moco', f'--workdir={workdir}', *args]
+  proc = subprocess.Popen(cmd, cwd=_ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  if not wait:
+    return proc
+  out, err = proc.communicate(timeout=600)
+  return proc.returncode, out, err
+
+
+def _summary(out):
+  line = [l for l in out.splitlines() if 'state_fingerprint=' in l][-1]
+  return dict(kv.split('=', 1) for kv in line.split())
+
+
+def _wait_for_checkpoint(workdir, step, proc, timeout=300):
+  path = os.path.join(workdir, 'checkpoints', str(step))
+  t0 = time.time()
+  while not os.path.isdir(path):
+    if proc.poll() is not None or time.time() - t0 > timeout:
+      raise AssertionError(f'no checkpoint {step}: {proc.communicate()}')
+    time.sleep(0.2)
+
+
+@pytest.mark.slow
+class ResumeTest(absltest.TestCase):
+
+  def test_interrupted_runs_end_identical(self):
+    root = tempfile.mkdtemp()
+    ref_dir, run_dir = os.path.join(root, 'ref'), os.path.join(root, 'run')
+    code, out, err = _launch(ref_dir, *_SMOKE)
+    self.assertEqual(code, 0, err[-3000:])
+    ref = _summary(out)
+    self.assertEqual(ref['step'], '24')
+    self.assertGreater(float(ref['knn_top1']), 0.0)
+    for name in ('metrics.jsonl', 'config.json', 'loss.png',
+                 'knn_top1.png', 'proxy_acc.png', 'hist_hard_neg_sim.png'):
+      self.assertTrue(os.path.exists(os.path.join(ref_dir, name)), name)
+    self.assertTrue([f for f in os.listdir(ref_dir) if 'tfevents' in f])
+
+    # kill -9 at a random moment after the first checkpoint.
+    proc = _launch(run_dir, *_SMOKE, wait=False)
+    _wait_for_checkpoint(run_dir, 6, proc)
+    time.sleep(random.uniform(0.0, 3.0))
+    proc.kill()
+    proc.communicate()
+    # Resume, then SIGTERM: saves a checkpoint and exits cleanly.
+    proc = _launch(run_dir, *_SMOKE, wait=False)
+    _wait_for_checkpoint(run_dir, 12, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    if 'interrupted at step' in out:
+      self.assertEqual(proc.returncode, 0, err[-3000:])
+      step = int(re.search(r'interrupted at step (\d+)', out)[1])
+      self.assertTrue(os.path.isdir(os.path.join(run_dir, 'checkpoints',
+                                                 str(step))))
+    # Finish: bit-identical to the uninterrupted run.
+    code, out, err = _launch(run_dir, *_SMOKE)
+    self.assertEqual(code, 0, err[-3000:])
+    self.assertEqual(_summary(out)['state_fingerprint'],
+                     ref['state_fingerprint'])
+    steps = [json.loads(l)['step'] for l in open(
+        os.path.join(run_dir, 'metrics.jsonl')) if 'loss' in l]
+    self.assertEqual(steps, sorted(set(steps)))  # no duplicated log lines
+
+    # Corrupt the newest checkpoint: resume falls back to the previous one.
+    newest = os.path.join(run_dir, 'checkpoints', '24')
+    for dirpath, _, files in os.walk(os.path.join(newest, 'state')):
+      for f in files:
+        with open(os.path.join(dirpath, f), 'r+b') as fh:
+          fh.truncate(max(os.path.getsize(fh.name) // 3, 1))
+    code, out, err = _launch(run_dir, *_SMOKE)
+    self.assertEqual(code, 0, err[-3000:])
+    self.assertRegex(err, r'(?i)checkpoint.*24')  # the warning names it
+    self.assertEqual(_summary(out)['state_fingerprint'],
+                     ref['state_fingerprint'])
+
+
+class BadConfigTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('zero_batch', {'batch_size': 0}, 'batch_size=0'),
+      ('negative_queue', {'queue.size': -4}, 'queue.size=-4'),
+      ('num_hard', {'mochi.num_hard': 9000}, 'mochi.num_hard=9000'),
+      ('temperature', {'temperature': 0.0}, 'temperature=0.0'),
+      ('dataset', {'data.name': 'cifar11'}, "data.name='cifar11'"),
+      ('model', {'model.backbone': 'resnet7'}, "model.backbone='resnet7'"),
+      ('batch_devices', {'batch_size': 100}, 'batch_size=100'),
+      ('queue_small', {'queue.size': 128}, 'queue.size=128'),
+      ('momentum', {'momentum': 1.0}, 'momentum=1.0'),
+  )
+  def test_validate_names_field_and_value(self, overrides, expected):
+    config = mochi_config.get_config()
+    for k, v in overrides.items():
+      node = config
+      *parents, leaf = k.split('.')
+      for p in parents:
+        node = node[p]
+      node[leaf] = v
+    with self.assertRaises(loop.ConfigError) as cm:
+      moco.validate(config, num_devices=8)
+    self.assertIn(expected, str(cm.exception))
+    self.assertNotIn('\n', str(cm.exception))
+
+  def test_presets_are_valid(self):
+    for get in (mochi_config.get_config, moco_config.get_config):
+      for arg in ('', 'data=digits', 'data=cifar10', 'data=imagenet100',
+                  'data=imagenet,model=resnet50', 'smoke'):
+        moco.validate(get(arg), num_devices=8)
+    with self.assertRaisesRegex(ValueError, "unknown config preset 'dat'"):
+      mochi_config.get_config('dat=shapes')
+
+  def test_config_is_locked(self):
+    config = mochi_config.get_config()
+    with self.assertRaises(AttributeError):
+      config.temprature = 0.1
+
+  @pytest.mark.slow
+  def test_launcher_errors_are_one_line_and_write_nothing(self):
+    root = tempfile.mkdtemp()
+    for i, args in enumerate([
+        ['--config.temprature=0.1'],
+        ['--config.queue.size=-4'],
+        ['--config.mochi.num_hard=100000'],
+        ['--config=configs/mochi.py:data=cifar10',
+         '--config.data.data_dir=' + os.path.join(root, 'no_tfds')],
+    ]):
+      workdir = os.path.join(root, f'run{i}')
+      code, _, err = _launch(workdir, *args)
+      self.assertEqual(code, 2, err)
+      lines = [l for l in err.splitlines() if l.strip()]
+      self.assertLen(lines, 1, err)
+      self.assertTrue(lines[0].startswith('hnjax: error: '), lines[0])
+      self.assertFalse(os.path.exists(workdir))
+    self.assertIn('cifar10', lines[0])
+    self.assertIn('no_tfds', lines[0])
+
+
+@pytest.mark.slow
+class InProcessTest(absltest.TestCase):
+  """train_and_evaluate called directly, as from Colab, on 8 devices."""
+
+  def test_smoke_on_eight_devices_and_non_finite_stop(self):
+    workdir = tempfile.mkdtemp()
+    config = mochi_config.get_config('smoke')
+    config.num_steps = 8
+    config.ckpt.every_steps = 4
+    config.eval.linear_probe = False
+    config.eval.knn_every_steps = 0
+    summary = moco.train_and_evaluate(config, workdir)
+    self.assertEqual(summary['step'], 8)
+    self.assertFalse(summary['interrupted'])
+    self.assertLen(summary['state_fingerprint'], 64)
+    records = [json.loads(l) for l in open(
+        os.path.join(workdir, 'metrics.jsonl'))]
+    losses = [r for r in records if 'loss' in r]
+    for key in ('loss', 'pos_logit', 'neg_logit', 'hard_neg_sim',
+                'proxy_acc', 'learning_rate', 'grad_norm'):
+      self.assertIn(key, losses[-1])
+      self.assertTrue(np.isfinite(losses[-1][key]))
+    self.assertEqual(losses[-1]['mochi'], 1.0)
+
+    # The queue is sharded over the 8 devices and restores with it.
+    state = moco.create_state(
+        config, *self._model_and_tx(config), parallel.make_mesh())
+    with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints')) as c:
+      step, restored, _ = c.restore(checkpoint.abstract_state(state))
+    self.assertEqual(step, 8)
+    self.assertEqual(restored.queue.keys.addressable_shards[0].data.shape,
+                     (512 // 8, 32))
+    self.assertTrue(np.all(np.asarray(restored.queue.ids) >= 0))
+
+    # A learning rate of 1e30 blows up: the run stops naming the step and
+    # the last checkpoint (saved while finite) stays loadable.
+    bad_dir = tempfile.mkdtemp()
+    config.optim.learning_rate = 1e30
+    config.ckpt.every_steps = 1
+    with self.assertRaisesRegex(FloatingPointError,
+                                r'non-finite loss .* at step (\d+)') as cm:
+      moco.train_and_evaluate(config, bad_dir)
+    bad_step = int(re.search(r'at step (\d+)', str(cm.exception))[1])
+    with checkpoint.Checkpointer(os.path.join(bad_dir, 'checkpoints')) as c:
+      self.assertLess(c.latest_step(), bad_step)
+      self.assertIsNotNone(c.restore(checkpoint.abstract_state(state)))
+
+  def _model_and_tx(self, config):
+    from hnjax import data  # pylint: disable=g-import-not-at-top
+    from hnjax import models  # pylint: disable=g-import-not-at-top
+    from hnjax.train import optim  # pylint: disable=g-import-not-at-top
+    info = data.get_info(config.data.name)
+    model = models.create_encoder(config.model.backbone,
+                                  dim=config.model.dim,
+                                  bn_splits=config.model.bn_splits)
+    tx = optim.make_optimizer(config.optim, lambda s: 0.1)
+    return model, tx, info
+
+
+if __name__ == '__main__':
+  absltest.main()
