@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hnjax import losses
+from hnjax import samplers
 from tests import testing
 
 
@@ -191,6 +192,72 @@ class InfoNCETest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "axis_name='data' is not a mesh"):
       losses.info_nce(self.q, self.k, self.negs, temperature=1.0,
                       axis_name='data')
+
+
+class MochiInfoNCETest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(2)
+    self.q = testing.unit(rng, 5, 8)
+    self.k = testing.unit(rng, 5, 8)
+    self.negs = testing.unit(rng, 30, 8)
+    self.mask = rng.random((5, 30)) > 0.2
+    self.key = jax.random.key(7)
+
+  @parameterized.parameters(0, 4)
+  def test_equals_info_nce_with_mochi_negatives(self, block_size):
+    kw = dict(num_hard=6, num_mix=5, num_query_mix=3)
+
+    def fused(q):
+      return losses.mochi_info_nce(self.key, q, self.k, self.negs,
+                                   temperature=0.2, negative_mask=self.mask,
+                                   block_size=block_size, **kw)[0]
+
+    def composed(q):
+      h = samplers.mochi(self.key, q, self.negs, negative_mask=self.mask, **kw)
+      return losses.info_nce(q, self.k, self.negs, temperature=0.2,
+                             negative_mask=self.mask, extra_negatives=h)
+
+    np.testing.assert_allclose(fused(self.q), composed(self.q), rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.grad(lambda q: fused(q).sum())(self.q),
+        jax.grad(lambda q: composed(q).sum())(self.q), atol=1e-6)
+
+  def test_plain_moco_and_aux(self):
+    loss, aux = losses.mochi_info_nce(
+        self.key, self.q, self.k, self.negs, temperature=0.2, num_hard=0,
+        num_mix=0, num_query_mix=0)
+    np.testing.assert_allclose(
+        loss, np_info_nce(self.q, self.k, self.negs, 0.2), rtol=1e-5)
+    sims = self.q.astype(np.float64) @ self.negs.T
+    np.testing.assert_allclose(aux['hardest_similarity'], sims.max(1),
+                               atol=1e-6)
+    pos = np.sum(self.q * self.k, 1)
+    np.testing.assert_array_equal(aux['positive_first'], pos > sims.max(1))
+
+  def test_proxy_accuracy_counts_synthetic_negatives(self):
+    # A positive that beats the bank but not a type-2 mix of the query
+    # with the hardest negative (which leans towards the query).
+    q = np.array([[1., 0.]], np.float32)
+    k = np.array([[0.8, 0.6]], np.float32)
+    bank = np.array([[0.6, -0.8], [-1., 0.]], np.float32)
+    _, aux = losses.mochi_info_nce(self.key, q, k, bank, temperature=0.1,
+                                   num_hard=1, num_mix=0, num_query_mix=0)
+    self.assertTrue(bool(aux['positive_first'][0]))
+    _, aux = losses.mochi_info_nce(self.key, q, k, bank, temperature=0.1,
+                                   num_hard=1, num_mix=0, num_query_mix=64)
+    self.assertFalse(bool(aux['positive_first'][0]))
+
+  def test_bad_input(self):
+    with self.assertRaisesRegex(ValueError, 'num_hard must be an int >= 0'):
+      losses.mochi_info_nce(self.key, self.q, self.k, self.negs,
+                            temperature=0.2, num_hard=-1, num_mix=1,
+                            num_query_mix=1)
+    with self.assertRaisesRegex(ValueError, 'larger than the bank'):
+      losses.mochi_info_nce(self.key, self.q, self.k, self.negs,
+                            temperature=0.2, num_hard=31, num_mix=1,
+                            num_query_mix=1)
 
 
 class HardContrastiveTest(parameterized.TestCase):

@@ -121,6 +121,15 @@ class ShardedLossTest(parameterized.TestCase):
 
     self.assert_same(fn, n, (self.q, self.k, self.bank), (ROWS, ROWS, ROWS))
 
+  @parameterized.parameters(2, 8)
+  def test_mochi_info_nce(self, n):
+    key = jax.random.key(6)
+    fn = lambda q, k, b, m, ax: losses.mochi_info_nce(
+        key, q, k, b, temperature=0.2, num_hard=6, num_mix=4,
+        num_query_mix=2, negative_mask=m, axis_name=ax)[0]
+    self.assert_same(fn, n, (self.q, self.k, self.bank, self.mask),
+                     (ROWS, ROWS, ROWS, COLS))
+
   def test_per_device_memory_layout(self):
     # Each device holds its [K / n, D] shard, never the whole bank.
     mesh = parallel.make_mesh(8)

@@ -10,6 +10,7 @@ from hnjax.losses._in_batch import sigmoid_contrastive
 from hnjax.losses._in_batch import symmetric_info_nce
 from hnjax.losses._queue import hard_contrastive
 from hnjax.losses._queue import info_nce
+from hnjax.losses._queue import mochi_info_nce
 from hnjax.losses._supervised import rank_n_contrast
 from hnjax.losses._supervised import sup_con
 from hnjax.losses._supervised import supremix
@@ -18,6 +19,7 @@ __all__ = [
     'hard_contrastive',
     'info_nce',
     'm2mix',
+    'mochi_info_nce',
     'rank_n_contrast',
     'sigmoid_contrastive',
     'sup_con',

@@ -36,9 +36,9 @@ import ml_collections as mlc
 import numpy as np
 import optax
 
-from hnjax import bank
 from hnjax import checkpoint
 from hnjax import data
+from hnjax import losses
 from hnjax import models
 from hnjax import parallel
 from hnjax import queue as queue_lib
@@ -197,40 +197,28 @@ def _contrastive_body(q, k, queue_keys, queue_ids, ids, key, *, cfg,
   """Per-device body: the MoCo / MoCHi loss of the local queries.
 
   Local shapes: q, k ``[B, D]``; queue_keys ``[K / n, D]``; queue_ids
-  ``[K / n]``; ids ``[B]``. One pass over the local queue shard yields the
-  log-sum-exp (with gradient) and the hardest negatives (without); both are
-  combined across devices inside `hnjax.bank.bank_stats`.
+  ``[K / n]``; ids ``[B]``. `hnjax.losses.mochi_info_nce` makes one pass
+  over the local queue shard for the log-sum-exp (with gradient) and the
+  hardest negatives (without), combined across devices.
   """
   t = cfg.temperature
   mask = None
   if cfg.mask_same_id:
     all_ids = lax.all_gather(ids, DATA, tiled=True)
     mask = samplers.same_id_mask(all_ids, queue_ids)
-  num_top = cfg.num_hard if use_mochi else 1
-  stats = bank.bank_stats(q, queue_keys, scales=(1.0 / t,), num_top=num_top,
-                          negative_mask=mask, axis_name=DATA,
-                          block_size=cfg.block_size)
-  l_pos = jnp.sum(q * k, -1) / t
-  terms = [l_pos, stats.lse[0]]
-  hardest = stats.top_similarities[:, 0]
-  max_neg = hardest / t
-  if use_mochi:
-    h = samplers.mochi_mix(key, q, queue_keys, stats.top_indices,
-                           num_mix=cfg.num_mix,
-                           num_query_mix=cfg.num_query_mix, axis_name=DATA)
-    l_syn = jnp.einsum('bd,bmd->bm', q, h) / t
-    terms.append(bank.logsumexp(l_syn))
-    if l_syn.shape[1]:
-      max_neg = jnp.maximum(max_neg, lax.stop_gradient(l_syn).max(1))
-  loss = bank.logsumexp(jnp.stack(terms, -1)) - l_pos
+  loss, aux = losses.mochi_info_nce(
+      key, q, k, queue_keys, temperature=t,
+      num_hard=cfg.num_hard if use_mochi else 0, num_mix=cfg.num_mix,
+      num_query_mix=cfg.num_query_mix, negative_mask=mask, axis_name=DATA,
+      block_size=cfg.block_size)
   # Mean negative logit over the whole queue: q . mean(queue) / T.
   n_keys = queue_keys.shape[0] * lax.axis_size(DATA)
   queue_mean = lax.psum(jnp.sum(queue_keys, 0), DATA) / n_keys
   metrics = dict(
-      pos_logit=lax.stop_gradient(l_pos),
+      pos_logit=lax.stop_gradient(jnp.sum(q * k, -1)) / t,
       neg_logit=lax.stop_gradient(q @ queue_mean) / t,
-      hard_neg_sim=hardest,
-      proxy_acc=(lax.stop_gradient(l_pos) > max_neg).astype(jnp.float32))
+      hard_neg_sim=aux['hardest_similarity'],
+      proxy_acc=aux['positive_first'].astype(jnp.float32))
   return loss, metrics
 
 
