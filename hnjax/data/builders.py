@@ -1,0 +1,101 @@
+"""Local tfds builders of the embedded datasets, prepared on first use.
+
+The builders (``shapes32``, ``digits``) generate their examples locally, use
+numpy-only features (``tfds.features.Tensor``, ``Scalar``, ``ClassLabel``,
+``Text``) and are written as ArrayRecord, so preparing them needs neither a
+download nor TensorFlow and ``as_data_source`` gives random access.
+
+Preparation is safe when several processes on one machine start at once: it
+runs under an exclusive ``fcntl`` lock on a file in the data dir, and the
+process that gets the lock second finds the dataset prepared. tfds itself
+writes into a randomly named ``incomplete.*`` directory and renames it to
+``<name>/<config>/<version>`` only on success, so a crash never leaves a
+half-written dataset where a reader would find it.
+"""
+
+import contextlib
+import fcntl
+import os
+
+import tensorflow_datasets as tfds
+
+from hnjax.data import digits
+from hnjax.data import shapes
+
+DATA_DIR_ENV = 'HNJAX_DATA_DIR'
+_DEFAULT_DATA_DIR = '~/.cache/hnjax/tensorflow_datasets'
+
+# Dataset name (as given to `get_source`) -> (builder class, config name).
+EMBEDDED = {
+    'shapes32': (shapes.Shapes32, 'default'),
+    'shapes32/small': (shapes.Shapes32, 'small'),
+    'digits': (digits.Digits, None),
+}
+
+
+def default_data_dir():
+  """Returns ``$HNJAX_DATA_DIR`` or ``~/.cache/hnjax/tensorflow_datasets``."""
+  return os.path.expanduser(os.environ.get(DATA_DIR_ENV, _DEFAULT_DATA_DIR))
+
+
+@contextlib.contextmanager
+def file_lock(path):
+  """Holds an exclusive ``fcntl`` lock on ``path`` while in the context.
+
+  Args:
+    path: lock file, created if missing and never deleted (deleting it
+      would let a late process lock a different inode).
+
+  Yields:
+    None, with the lock held.
+  """
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _make_builder(name, data_dir):
+  cls, config = EMBEDDED[name]
+  kwargs = {'config': config} if config else {}
+  return cls(data_dir=data_dir, **kwargs)
+
+
+def prepare(name, *, data_dir=None):
+  """Prepares an embedded dataset if needed and returns its builder.
+
+  Args:
+    name: one of ``EMBEDDED`` (``'shapes32'``, ``'shapes32/small'``,
+      ``'digits'``).
+    data_dir: tfds data dir; defaults to ``default_data_dir()``.
+
+  Returns:
+    A prepared ``tfds.core.DatasetBuilder``; ``builder.as_data_source(split)``
+    gives random access to a split.
+  """
+  if name not in EMBEDDED:
+    raise ValueError(
+        f'name must be an embedded dataset {sorted(EMBEDDED)}, got {name!r}'
+    )
+  data_dir = os.path.expanduser(data_dir or default_data_dir())
+  builder = _make_builder(name, data_dir)
+  if builder.is_prepared():  # fast path, no lock
+    return builder
+  os.makedirs(data_dir, exist_ok=True)
+  lock = os.path.join(data_dir, f".{name.replace('/', '-')}.lock")
+  with file_lock(lock):
+    # Another process may have prepared it while we waited for the lock; a
+    # fresh builder re-reads the directory.
+    builder = _make_builder(name, data_dir)
+    if not builder.is_prepared():
+      builder.download_and_prepare(
+          file_format='array_record',
+          download_config=tfds.download.DownloadConfig(
+              try_download_gcs=False,
+              compute_stats=tfds.download.ComputeStatsMode.SKIP,
+          ),
+      )
+      builder = _make_builder(name, data_dir)
+  return builder
