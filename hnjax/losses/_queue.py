@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from hnjax import _checks
 from hnjax import bank as bank_lib
-from hnjax.samplers.mochi import mochi_mix
+from hnjax.samplers.mochi import mix_parts
 
 
 def _pair(query, positive):
@@ -175,12 +175,13 @@ def mochi_info_nce(
   terms = [l_pos, stats.lse[0]]
   best_neg = stats.top_similarities[:, 0] / t
   if num_hard:
-    h = mochi_mix(key, q, negatives, stats.top_indices, num_mix=num_mix,
-                  num_query_mix=num_query_mix, axis_name=axis_name)
-    if h.shape[1]:
-      l_syn = jnp.einsum('bd,bmd->bm', q, h) / t
-      terms.append(bank_lib.logsumexp(l_syn))
-      best_neg = jnp.maximum(best_neg, lax.stop_gradient(l_syn).max(1))
+    for h in mix_parts(key, q, negatives, stats.top_indices,
+                       num_mix=num_mix, num_query_mix=num_query_mix,
+                       axis_name=axis_name):
+      if h.shape[1]:
+        l_syn = jnp.einsum('bd,bmd->bm', q, h) / t
+        terms.append(bank_lib.logsumexp(l_syn))
+        best_neg = jnp.maximum(best_neg, lax.stop_gradient(l_syn).max(1))
   loss = bank_lib.logsumexp(jnp.stack(terms, axis=-1)) - l_pos
   aux = dict(hardest_similarity=stats.top_similarities[:, 0],
              positive_first=lax.stop_gradient(l_pos) > best_neg)

@@ -135,6 +135,25 @@ def mochi_mix(
     ``[B, num_mix + num_query_mix, D]`` float32 stop-gradient unit vectors
     (zeros for a query without any valid hardest negative).
   """
+  h1, h2 = mix_parts(key, query, negatives, hardest_indices, num_mix=num_mix,
+                     num_query_mix=num_query_mix, axis_name=axis_name)
+  return jnp.concatenate([h1, h2], axis=1)
+
+
+def _normalize(x, valid):
+  """Unit rows; all-zero rows for queries without a valid hard negative."""
+  inv = lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True),
+                              _EPS * _EPS))
+  return x * jnp.where(valid[:, None, None], inv, 0.0)
+
+
+def mix_parts(key, query, negatives, hardest_indices, *, num_mix,
+              num_query_mix, axis_name=None):
+  """`mochi_mix` as two arrays: type 1 ``[B, s, D]`` and type 2 ``[B, s', D]``.
+
+  Keeping the two types apart saves the copy of concatenating them when the
+  caller only needs their logits (`hnjax.losses.mochi_info_nce`).
+  """
   num_mix = _checks.non_negative_int('num_mix', num_mix)
   num_query_mix = _checks.non_negative_int('num_query_mix', num_query_mix)
   _checks.embeddings('query', query)
@@ -145,29 +164,26 @@ def mochi_mix(
     raise ValueError(f'hardest_indices must have shape [B, N] with B = '
                      f'{q.shape[0]}, got {top.shape}')
   num_valid = jnp.sum(top >= 0, axis=1)
+  valid = num_valid > 0
   b = q.shape[0]
   first_row = 0 if axis_name is None else lax.axis_index(axis_name) * b
   rows = first_row + jnp.arange(b)
   pairs, alpha, single, beta = jax.vmap(
       _row_draws, in_axes=(None, 0, 0, None, None))(
           key, rows, num_valid, num_mix, num_query_mix)
-  # Gather only the rows that get mixed: [B, s, 2] and [B, s', 1].
+  # Gather only the rows that get mixed, never the [B, N, D] hardest set.
   idx1 = jnp.take_along_axis(top, pairs.reshape(b, -1), 1).reshape(pairs.shape)
-  idx2 = jnp.take_along_axis(top, single, 1)[..., None]
-  w1 = jnp.stack([alpha, 1.0 - alpha], axis=-1)
-  w2 = (1.0 - beta)[..., None]
-  if num_mix and num_query_mix:
-    # One gather (and one reduce-scatter when sharded) for both types.
-    idx = jnp.concatenate([idx1, jnp.pad(idx2, ((0, 0), (0, 0), (0, 1)),
-                                         constant_values=-1)], axis=1)
-    w = jnp.concatenate([w1, jnp.pad(w2, ((0, 0), (0, 0), (0, 1)))], axis=1)
-  elif num_mix:
-    idx, w = idx1, w1
+  idx2 = jnp.take_along_axis(top, single, 1)
+  if axis_name is None:
+    take = lambda i: jnp.take(bank, jnp.maximum(i, 0), axis=0, mode='clip')
+    h1 = (alpha[..., None] * take(idx1[..., 0]) +
+          (1.0 - alpha[..., None]) * take(idx1[..., 1]))
+    h2 = (1.0 - beta[..., None]) * take(idx2)
   else:
-    idx, w = idx2, w2
-  mixed = bank_lib.gather_rows(bank, idx, w, axis_name=axis_name)
-  mixed = mixed.at[:, num_mix:].add(beta[..., None] * q[:, None, :])
-  norm = jnp.sqrt(jnp.sum(mixed * mixed, axis=-1, keepdims=True))
-  h = mixed / jnp.maximum(norm, _EPS)
-  return lax.stop_gradient(
-      jnp.where((num_valid > 0)[:, None, None], h, 0.0))
+    h1 = bank_lib.gather_rows(
+        bank, idx1, jnp.stack([alpha, 1.0 - alpha], -1), axis_name=axis_name)
+    h2 = bank_lib.gather_rows(bank, idx2[..., None], (1.0 - beta)[..., None],
+                              axis_name=axis_name)
+  h2 = h2 + beta[..., None] * q[:, None, :]
+  return (lax.stop_gradient(_normalize(h1, valid)),
+          lax.stop_gradient(_normalize(h2, valid)))

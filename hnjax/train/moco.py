@@ -430,6 +430,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     ``state_fingerprint``, ``interrupted``, ``wall_s``.
   """
   t0 = time.time()
+  workdir = os.path.abspath(workdir)  # Orbax needs absolute paths.
   mesh, info, sources = prepare(config)
   steps_per_epoch, total = _schedule_lengths(config, len(sources['train']))
   is_main = jax.process_index() == 0
