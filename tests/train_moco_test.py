@@ -158,11 +158,6 @@ class BadConfigTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "unknown config preset 'dat'"):
       mochi_config.get_config('dat=shapes')
 
-  def test_config_is_locked(self):
-    config = mochi_config.get_config()
-    with self.assertRaises(AttributeError):
-      config.temprature = 0.1
-
   @pytest.mark.slow
   def test_launcher_errors_are_one_line_and_write_nothing(self):
     root = tempfile.mkdtemp()

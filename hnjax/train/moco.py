@@ -290,7 +290,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
              if name != 'hard_neg_sim'}
   metrics.update(loss=loss, hard_neg_sim=jnp.mean(per_query['hard_neg_sim']),
                  hard_neg_sims=per_query['hard_neg_sim'],
-                 grad_norm=optax.global_norm(grads))
+                 grad_norm=optax.tree.norm(grads))
   new_state = TrainState(
       step=state.step + 1, params=params, batch_stats=batch_stats,
       target_params=target, target_batch_stats=target_vars['batch_stats'],
