@@ -76,6 +76,37 @@ def step_fns(args, block_size):
   return grad(0), grad(args.N)
 
 
+def profile(args, k, iters):
+  """Where MoCHi's time goes: each stage jitted and timed on its own."""
+  from hnjax import bank  # pylint: disable=g-import-not-at-top
+  from hnjax import samplers  # pylint: disable=g-import-not-at-top
+  q, pos, queue = _inputs(args.B, k, args.D)
+  key = jax.random.key(0)
+  top = bank.bank_stats(q, queue, num_top=args.N).top_indices
+  stages = {
+      'logits + log-sum-exp, fwd+bwd (= MoCo)': (jax.jit(jax.grad(
+          lambda q: bank.bank_stats(q, queue, scales=(1 / args.T,)).lse.sum()
+      )), (q,)),
+      f'hardest-{args.N} selection': (jax.jit(
+          lambda q: bank.bank_stats(q, queue, num_top=args.N).top_indices),
+                                      (q,)),
+      f'XLA top_k alone on [B, K] logits': (jax.jit(
+          lambda s: jax.lax.top_k(s, args.N)[1]), (q @ queue.T,)),
+      f'mixing {args.s}+{args.s_prime} and their logits, fwd+bwd': (
+          jax.jit(jax.grad(lambda q: jnp.sum(jax.nn.logsumexp(jnp.einsum(
+              'bd,bmd->bm', q, samplers.mochi_mix(
+                  key, q, queue, top, num_mix=args.s,
+                  num_query_mix=args.s_prime)), -1)))), (q,)),
+      f'XLA gather alone of {2 * args.s + args.s_prime} rows per query': (
+          jax.jit(lambda i: jnp.take(queue, i, axis=0, mode='clip')),
+          (jnp.tile(top, (1, -(-(2 * args.s + args.s_prime) // args.N)))[
+              :, :2 * args.s + args.s_prime],)),
+  }
+  print(f'\nprofile at K={k} (median ms):')
+  for name, (fn, a) in stages.items():
+    print(f'  {name}: {_time(fn, *a, iters=iters)[0]:.0f}')
+
+
 def _temp_mb(fn, *args):
   stats = fn.lower(*args).compile().memory_analysis()
   return None if stats is None else stats.temp_size_in_bytes / 2**20
@@ -114,6 +145,8 @@ def main():
                  help='skip the dense path (its [B, K] logits are 1 GiB at '
                  'K = 1M)')
   p.add_argument('--json', default='', help='also write the rows here')
+  p.add_argument('--profile', type=int, default=65536,
+                 help='K of the per-stage profile (0: none)')
   args = p.parse_args()
 
   peak = peak_matmul_gflops()
@@ -159,6 +192,8 @@ def main():
     print('| ' + ' | '.join(
         f'{c:.2f}' if isinstance(c, float) and c < 10 else
         (fmt(c) if isinstance(c, float) else str(c)) for c in cells) + ' |')
+  if args.profile:
+    profile(args, args.profile, args.iters)
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(rows, f, indent=1)

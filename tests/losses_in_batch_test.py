@@ -171,6 +171,16 @@ class SigmoidContrastiveTest(parameterized.TestCase):
         a, -self.b, scale=1e4, bias=0.0).sum())(self.a)
     self.assertTrue(testing.all_finite(g))
 
+  def test_bfloat16(self):
+    cast = lambda x: jnp.asarray(x, jnp.bfloat16)
+    out = losses.sigmoid_contrastive(cast(self.a), cast(self.b), scale=10.0,
+                                     bias=-10.0)
+    self.assertEqual(out.dtype, jnp.float32)
+    np.testing.assert_allclose(
+        out, np_sigmoid(np.asarray(cast(self.a), np.float64),
+                        np.asarray(cast(self.b), np.float64), 10.0, -10.0),
+        rtol=1e-4)
+
   def test_bad_input(self):
     with self.assertRaisesRegex(ValueError, 'scale must be > 0, got -1.0'):
       losses.sigmoid_contrastive(self.a, self.b, scale=-1.0, bias=0.0)
@@ -226,6 +236,24 @@ class M2MixTest(parameterized.TestCase):
       f = lambda v, t=t: losses.m2mix(v, t, 0.5).sum()
       self.assertTrue(testing.all_finite(f(self.v)))
       self.assertTrue(testing.all_finite(jax.grad(f)(self.v)))
+
+  @parameterized.parameters(1e-3, 10.0)
+  def test_extreme_temperatures(self, tau):
+    out = losses.m2mix(self.v, self.t, 0.3, temperature=tau)
+    np.testing.assert_allclose(out, np_m2mix(self.v, self.t, 0.3, tau),
+                               rtol=1e-4, atol=1e-4)
+    g = jax.grad(lambda v: losses.m2mix(v, self.t, 0.3,
+                                        temperature=tau).sum())(self.v)
+    self.assertTrue(testing.all_finite(g))
+
+  def test_bfloat16(self):
+    cast = lambda x: jnp.asarray(x, jnp.bfloat16)
+    out = losses.m2mix(cast(self.v), cast(self.t), 0.3)
+    self.assertEqual(out.dtype, jnp.float32)
+    # Computed in float32: equal to the float32 call on the rounded values.
+    up = lambda x: jnp.asarray(cast(x), jnp.float32)
+    np.testing.assert_allclose(out, losses.m2mix(up(self.v), up(self.t), 0.3),
+                               rtol=1e-6)
 
   def test_bad_input(self):
     with self.assertRaisesRegex(ValueError, 'lam must be a scalar'):

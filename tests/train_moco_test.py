@@ -12,6 +12,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -177,6 +178,36 @@ class BadConfigTest(parameterized.TestCase):
       self.assertFalse(os.path.exists(workdir))
     self.assertIn('cifar10', lines[0])
     self.assertIn('no_tfds', lines[0])
+
+
+@pytest.mark.slow
+class MultiHostTest(absltest.TestCase):
+
+  def test_launcher_on_two_processes(self):
+    # The same command on every "host": 2 processes x 1 CPU device over gloo,
+    # each reading its own half of every global batch.
+    workdir = tempfile.mkdtemp()
+    with socket.socket() as s:
+      s.bind(('127.0.0.1', 0))
+      port = s.getsockname()[1]
+    procs = []
+    for i in range(2):
+      env = dict(_env(), HNJAX_DISTRIBUTED='1',
+                 HNJAX_COORDINATOR=f'127.0.0.1:{port}',
+                 HNJAX_NUM_PROCESSES='2', HNJAX_PROCESS_ID=str(i))
+      procs.append(subprocess.Popen(
+          [sys.executable, '-m', 'launch.moco', f'--workdir={workdir}',
+           *_SMOKE, '--config.num_steps=12', '--config.eval.knn_every_steps=0'],
+          cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+      self.assertEqual(p.returncode, 0, err[-3000:])
+    self.assertIn('2 process(es), 2 device(s)', outs[0][0])
+    summary = _summary(outs[0][0])
+    self.assertEqual(summary['step'], '12')
+    self.assertNotIn('state_fingerprint', outs[1][0])  # process 0 prints
+    self.assertTrue(os.path.isdir(os.path.join(workdir, 'checkpoints', '12')))
 
 
 @pytest.mark.slow

@@ -483,43 +483,49 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
                             'config': json.loads(config.to_json_best_effort())},
               force=True)
 
-  results, interrupted, pending = {}, False, None
+  interrupted, pending = False, None
   bar = writer_lib.progress_bar(total, initial=start, enabled=is_main,
                                 desc=config.method)
-  with preemption.PreemptionGuard(sync_every=config.log_every_steps) as guard:
-    for step in range(start + 1, total + 1):
-      batch = parallel.global_batch(next(it), mesh)
-      state, metrics = step_fn(step > warmup)(state, batch)
-      # Check the previous step's loss while this one runs (no stall).
-      if pending is not None:
-        loop.check_finite(float(pending[1]), pending[0], last_saved)
-      pending = (step, metrics['loss'])
-      bar.update(1)
-      if step % config.log_every_steps == 0 or step == total:
-        scalars = {k: float(v) for k, v in metrics.items()
-                   if k != 'hard_neg_sims'}
-        loop.check_finite(scalars['loss'], step, last_saved)
-        scalars['learning_rate'] = float(schedule(step - 1))
-        scalars['mochi'] = float(step > warmup)
-        writer.write_scalars(step, scalars)
-        bar.set_postfix(loss=f'{scalars["loss"]:.3f}',
-                        proxy=f'{scalars["proxy_acc"]:.2f}')
-      if step % config.hist_every_steps == 0 or step == total:
-        writer.write_histogram(step, 'hard_neg_sim',
-                               loop.to_host(metrics['hard_neg_sims']))
-      if step in eval_at and step != total:
-        results = evaluate(state, encode, sources, config, info, mesh)
-        writer.write_scalars(step, results)
-      stop = guard.should_stop(step)
-      if step % config.ckpt.every_steps == 0 or step == total or stop:
-        loop.check_finite(float(metrics['loss']), step, last_saved)
-        save(step)
-        last_saved = step
-      if stop and step < total:
-        interrupted = True
-        break
-  bar.close()
-  ckpt.wait()
+  try:
+    with preemption.PreemptionGuard(
+        sync_every=config.log_every_steps) as guard:
+      for step in range(start + 1, total + 1):
+        batch = parallel.global_batch(next(it), mesh)
+        state, metrics = step_fn(step > warmup)(state, batch)
+        # Check the previous step's loss while this one runs (no stall).
+        if pending is not None:
+          loop.check_finite(float(pending[1]), pending[0], last_saved)
+        pending = (step, metrics['loss'])
+        bar.update(1)
+        if step % config.log_every_steps == 0 or step == total:
+          scalars = {k: float(v) for k, v in metrics.items()
+                     if k != 'hard_neg_sims'}
+          loop.check_finite(scalars['loss'], step, last_saved)
+          scalars['learning_rate'] = float(schedule(step - 1))
+          scalars['mochi'] = float(step > warmup)
+          writer.write_scalars(step, scalars)
+          bar.set_postfix(loss=f'{scalars["loss"]:.3f}',
+                          proxy=f'{scalars["proxy_acc"]:.2f}')
+        if step % config.hist_every_steps == 0 or step == total:
+          writer.write_histogram(step, 'hard_neg_sim',
+                                 loop.to_host(metrics['hard_neg_sims']))
+        if step in eval_at and step != total:
+          writer.write_scalars(
+              step, evaluate(state, encode, sources, config, info, mesh))
+        stop = guard.should_stop(step)
+        if step % config.ckpt.every_steps == 0 or step == total or stop:
+          # Never save a state whose loss went non-finite.
+          loop.check_finite(float(metrics['loss']), step, last_saved)
+          save(step)
+          last_saved = step
+        if stop and step < total:
+          interrupted = True
+          break
+  finally:
+    # Also on errors: finish writing the last good checkpoint and the logs.
+    bar.close()
+    ckpt.wait()
+    writer.flush()
 
   final_step = int(loop.to_host(state.step))
   summary = dict(step=final_step, interrupted=interrupted)
