@@ -1,5 +1,7 @@
 """Blocked bank statistics equal the dense ones: values, top-k, gradients."""
 
+from unittest import mock
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
@@ -33,6 +35,25 @@ class BlockedEqualsDenseTest(parameterized.TestCase):
     np.testing.assert_array_equal(blocked.top_indices, dense.top_indices)
     np.testing.assert_allclose(blocked.top_similarities,
                                dense.top_similarities, atol=1e-6)
+
+  @parameterized.parameters(False, True)
+  def test_row_chunks_with_remainder(self, masked):
+    # Top-k over 7 queries in row chunks of 2 (3 chunks + 1 row).
+    q = np.concatenate([self.q, self.k[:1]])
+    mask = np.concatenate([self.mask, self.mask[:1]]) if masked else None
+    kw = dict(scales=(5.0, 0.5), num_top=9, negative_mask=mask)
+    dense = bank.bank_stats(q, self.negs, block_size=0, **kw)
+    g_dense = jax.grad(lambda q: jnp.sum(jnp.where(jnp.isfinite(
+        bank.bank_stats(q, self.negs, block_size=0, **kw).lse), bank.bank_stats(
+            q, self.negs, block_size=0, **kw).lse, 0.0)))(q)
+    with mock.patch.object(bank, 'ROW_CHUNK_LOGITS', 2 * 50):
+      chunked = bank.bank_stats(q, self.negs, block_size=7, **kw)
+      g_chunked = jax.grad(lambda q: jnp.sum(jnp.where(jnp.isfinite(
+          bank.bank_stats(q, self.negs, block_size=7, **kw).lse),
+          bank.bank_stats(q, self.negs, block_size=7, **kw).lse, 0.0)))(q)
+    np.testing.assert_allclose(chunked.lse, dense.lse, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(chunked.top_indices, dense.top_indices)
+    np.testing.assert_allclose(g_chunked, g_dense, rtol=1e-5, atol=1e-6)
 
   def test_lse_matches_numpy(self):
     st = bank.bank_stats(self.q, self.negs, scales=(3.0,), num_top=0,
