@@ -337,6 +337,33 @@ class MochiTest(parameterized.TestCase):
                         num_query_mix=3)
     self.assertGreater(float(jnp.max(jnp.abs(h2[0] - h2[1]))), 1e-3)
 
+  @parameterized.parameters(False, True)
+  def test_logits_without_mixtures(self, masked):
+    # Non-unit bank rows, a partially and a fully masked row.
+    bank = self.bank * np.linspace(0.5, 2.0, 40)[:, None].astype(np.float32)
+    mask = np.ones((6, 40), bool)
+    if masked:
+      mask[1, :37] = False
+      mask[4] = False
+    sims, top = samplers.hardest_negatives(self.q, bank, 5, negative_mask=mask)
+    kw = dict(num_mix=7, num_query_mix=3)
+    w = np.random.default_rng(1).normal(size=(6, 10)).astype(np.float32)
+
+    def direct(q):
+      h = samplers.mochi_mix(self.key, q, bank, top, **kw)
+      return jnp.einsum('bd,bmd->bm', q, h)
+
+    def fused(q):
+      return samplers.mochi_logits(self.key, q, bank, top, sims, **kw)
+
+    np.testing.assert_allclose(fused(self.q), direct(self.q), rtol=1e-5,
+                               atol=1e-6)
+    g_direct = jax.grad(lambda q: jnp.sum(w * direct(q)))(self.q)
+    g_fused = jax.grad(lambda q: jnp.sum(w * fused(q)))(self.q)
+    np.testing.assert_allclose(g_fused, g_direct, rtol=1e-5, atol=1e-6)
+    if masked:
+      np.testing.assert_array_equal(fused(self.q)[4], 0.0)
+
   def test_jit_equals_eager(self):
     f = lambda q: samplers.mochi(self.key, q, self.bank, num_hard=5,
                                  num_mix=7, num_query_mix=3)

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 
 from hnjax import _checks
 from hnjax import bank as bank_lib
-from hnjax.samplers.mochi import mix_parts
+from hnjax.samplers.mochi import mochi_logits
+from hnjax.samplers.mochi import mochi_mix
 
 
 def _pair(query, positive):
@@ -174,14 +175,17 @@ def mochi_info_nce(
   l_pos = jnp.sum(q * k, axis=-1) / t
   terms = [l_pos, stats.lse[0]]
   best_neg = stats.top_similarities[:, 0] / t
-  if num_hard:
-    for h in mix_parts(key, q, negatives, stats.top_indices,
-                       num_mix=num_mix, num_query_mix=num_query_mix,
-                       axis_name=axis_name):
-      if h.shape[1]:
-        l_syn = jnp.einsum('bd,bmd->bm', q, h) / t
-        terms.append(bank_lib.logsumexp(l_syn))
-        best_neg = jnp.maximum(best_neg, lax.stop_gradient(l_syn).max(1))
+  if num_hard and num_mix + num_query_mix:
+    if axis_name is None:
+      l_syn = mochi_logits(key, q, negatives, stats.top_indices,
+                           stats.top_similarities, num_mix=num_mix,
+                           num_query_mix=num_query_mix) / t
+    else:  # The rows of a pair may live on different shards: mix them.
+      h = mochi_mix(key, q, negatives, stats.top_indices, num_mix=num_mix,
+                    num_query_mix=num_query_mix, axis_name=axis_name)
+      l_syn = jnp.einsum('bd,bmd->bm', q, h) / t
+    terms.append(bank_lib.logsumexp(l_syn))
+    best_neg = jnp.maximum(best_neg, lax.stop_gradient(l_syn).max(1))
   loss = bank_lib.logsumexp(jnp.stack(terms, axis=-1)) - l_pos
   aux = dict(hardest_similarity=stats.top_similarities[:, 0],
              positive_first=lax.stop_gradient(l_pos) > best_neg)

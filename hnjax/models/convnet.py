@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hnjax.models import conv as conv_lib
 from hnjax.models import norm as norm_lib
 from hnjax.models import resnet as resnet_lib
 
@@ -80,6 +81,7 @@ class ConvNet(nn.Module):
           (s, s),
           padding=((1, 1), (1, 1)),
           use_bias=False,  # followed by BN
+          conv_general_dilated=conv_lib.conv_general_dilated,
           dtype=self.dtype,
           param_dtype=self.param_dtype,
           kernel_init=resnet_lib.conv_kernel_init,

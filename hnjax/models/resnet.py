@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hnjax.models import conv as conv_lib
 from hnjax.models import norm as norm_lib
 
 ModuleDef = Any
@@ -179,6 +180,7 @@ class ResNet(nn.Module):
     block_cls = _BLOCKS[self.block]
     conv = functools.partial(
         nn.Conv,
+        conv_general_dilated=conv_lib.conv_general_dilated,
         use_bias=False,
         dtype=self.dtype,
         param_dtype=self.param_dtype,

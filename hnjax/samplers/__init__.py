@@ -2,6 +2,7 @@
 
 from hnjax.samplers.geodesic import geodesic_mix
 from hnjax.samplers.mochi import mochi
+from hnjax.samplers.mochi import mochi_logits
 from hnjax.samplers.mochi import mochi_mix
 from hnjax.samplers.selection import guide_margin_mask
 from hnjax.samplers.selection import hard_top_k_mask
@@ -19,6 +20,7 @@ __all__ = [
     'hard_top_k_mask',
     'hardest_negatives',
     'mochi',
+    'mochi_logits',
     'mochi_mix',
     'same_id_mask',
     'same_label_mask',

@@ -187,3 +187,112 @@ def mix_parts(key, query, negatives, hardest_indices, *, num_mix,
   h2 = h2 + beta[..., None] * q[:, None, :]
   return (lax.stop_gradient(_normalize(h1, valid)),
           lax.stop_gradient(_normalize(h2, valid)))
+
+
+def _take(x, idx):
+  return jnp.take_along_axis(x, idx, axis=1)
+
+
+@jax.custom_vjp
+def _synthetic_logits(q, bank, top_idx, top_sims, pairs, alpha, single,
+                      beta):
+  return _synthetic_logits_fwd(q, bank, top_idx, top_sims, pairs, alpha,
+                               single, beta)[0]
+
+
+def _synthetic_logits_fwd(q, bank, top_idx, top_sims, pairs, alpha, single,
+                          beta):
+  valid = jnp.sum(top_idx >= 0, axis=1, keepdims=True) > 0
+  rows = lambda pos: jnp.take(bank, jnp.maximum(_take(top_idx, pos), 0),
+                              axis=0, mode='clip')
+  # Type 1, h = norm(a n_i + (1 - a) n_j): q.h from the known q.n and one
+  # fused gather-and-reduce for the pair's Gram entries.
+  p0, p1 = pairs[..., 0], pairs[..., 1]
+  r0, r1 = rows(p0), rows(p1)
+  d01 = jnp.sum(r0 * r1, -1)
+  d00, d11 = jnp.sum(r0 * r0, -1), jnp.sum(r1 * r1, -1)
+  a = alpha
+  num1 = a * _take(top_sims, p0) + (1.0 - a) * _take(top_sims, p1)
+  den1 = a * a * d00 + (1.0 - a) ** 2 * d11 + 2.0 * a * (1.0 - a) * d01
+  # Type 2, h' = norm(b q + (1 - b) n_j): only ||n_j||^2 needs the row.
+  qq = jnp.sum(q * q, -1, keepdims=True)
+  sj = _take(top_sims, single)
+  rj = rows(single)
+  djj = jnp.sum(rj * rj, -1)
+  b = beta
+  num2 = b * qq + (1.0 - b) * sj
+  den2 = b * b * qq + (1.0 - b) ** 2 * djj + 2.0 * b * (1.0 - b) * sj
+  inv1 = jnp.where(valid, lax.rsqrt(jnp.maximum(den1, _EPS * _EPS)), 0.0)
+  inv2 = jnp.where(valid, lax.rsqrt(jnp.maximum(den2, _EPS * _EPS)), 0.0)
+  logits = jnp.concatenate([num1 * inv1, num2 * inv2], axis=1)
+  return logits, (q, bank, top_idx, pairs, alpha, single, beta, inv1, inv2)
+
+
+def _synthetic_logits_bwd(res, g):
+  """d/dq with every h held constant: sum_m g_m h_m, from the N hard rows."""
+  q, bank, top_idx, pairs, alpha, single, beta, inv1, inv2 = res
+  s = pairs.shape[1]
+  g1, g2 = g[:, :s] * inv1, g[:, s:] * inv2
+  b = q.shape[0]
+  rows = jnp.arange(b)[:, None]
+  # Weight of each hard negative in sum_m g_m h_m (scatter-add over [B, N]).
+  c = jnp.zeros(top_idx.shape, jnp.float32)
+  c = c.at[rows, pairs[..., 0]].add(g1 * alpha)
+  c = c.at[rows, pairs[..., 1]].add(g1 * (1.0 - alpha))
+  c = c.at[rows, single].add(g2 * (1.0 - beta))
+  hard = jnp.take(bank, jnp.maximum(top_idx, 0), axis=0, mode='clip')
+  dq = jnp.einsum('bn,bnd->bd', c, hard) + jnp.sum(
+      g2 * beta, axis=1, keepdims=True) * q
+  return dq, None, None, None, None, None, None, None
+
+
+_synthetic_logits.defvjp(_synthetic_logits_fwd, _synthetic_logits_bwd)
+
+
+def mochi_logits(
+    key: jax.Array,
+    query: jax.typing.ArrayLike,
+    negatives: jax.typing.ArrayLike,
+    hardest_indices: jax.typing.ArrayLike,
+    hardest_similarities: jax.typing.ArrayLike,
+    *,
+    num_mix: int,
+    num_query_mix: int,
+) -> jax.Array:
+  """``q · h`` for MoCHi's synthetic negatives, without building them.
+
+  Equal to ``einsum('bd,bmd->bm', q, mochi_mix(...))`` (the same draws from
+  the same key, values and gradients with every ``h`` held constant), on one
+  device. The logit of a normalised mixture is a ratio of dot products the
+  bank pass already knows (``q·n``) and of the pair's Gram entries, so the
+  forward pass gathers rows only to reduce them to scalars and the backward
+  pass gathers the ``N`` hardest rows once, instead of materialising
+  ``[B, s + s', D]`` mixtures (`hnjax.losses.mochi_info_nce` uses it).
+
+  Args:
+    key: PRNG key (as for `mochi_mix`).
+    query: ``[B, D]`` queries.
+    negatives: ``[K, D]`` bank.
+    hardest_indices: ``[B, N]`` int bank indices, ``-1`` for missing.
+    hardest_similarities: ``[B, N]`` their similarities ``q·n`` (as returned
+      by `hardest_negatives`).
+    num_mix: ``s`` type-1 negatives per query.
+    num_query_mix: ``s'`` type-2 negatives per query.
+
+  Returns:
+    ``[B, s + s']`` float32 logits (unscaled), type 1 first; 0 for a query
+    without any valid hard negative.
+  """
+  num_mix = _checks.non_negative_int('num_mix', num_mix)
+  num_query_mix = _checks.non_negative_int('num_query_mix', num_query_mix)
+  _checks.embeddings('query', query)
+  q = jnp.asarray(query, jnp.float32)
+  bank = lax.stop_gradient(jnp.asarray(negatives, jnp.float32))
+  top = jnp.asarray(hardest_indices, jnp.int32)
+  sims = lax.stop_gradient(jnp.asarray(hardest_similarities, jnp.float32))
+  num_valid = jnp.sum(top >= 0, axis=1)
+  pairs, alpha, single, beta = jax.vmap(
+      _row_draws, in_axes=(None, 0, 0, None, None))(
+          key, jnp.arange(q.shape[0]), num_valid, num_mix, num_query_mix)
+  sims = jnp.where(top >= 0, sims, 0.0)  # -inf past the valid ones
+  return _synthetic_logits(q, bank, top, sims, pairs, alpha, single, beta)
