@@ -144,13 +144,14 @@ def main():
     b = time_step(args, k, 'mochi', mesh, info)
     peer = torch_peer(args, k)
     peer_ips = peer['images_per_s'] if peer else None
+    peer_cell = '-' if peer_ips is None else f'{peer_ips:.1f}'
+    ratio_cell = '-' if peer_ips is None else (
+        f'{a["images_per_s"] / peer_ips:.2f}')
     print(f'| {k:,} | {a["step_ms"]:.0f} | {a["images_per_s"]:.1f} | '
           f'{b["step_ms"]:.0f} | {b["images_per_s"]:.1f} | '
           f'{b["step_ms"] / a["step_ms"]:.3f} | {a["compile_s"]:.0f} / '
           f'{b["compile_s"]:.0f} | {pipe / a["images_per_s"]:.0f}x | '
-          f'{peer_ips if peer_ips is None else f"{peer_ips:.1f}"} | '
-          f'{"-" if not peer_ips else f"{a["images_per_s"] / peer_ips:.2f}"}'
-          ' |', flush=True)
+          f'{peer_cell} | {ratio_cell} |', flush=True)
   print(f'MoCHi{b["mochi"]} (the cifar10 preset).')
 
 
