@@ -7,11 +7,15 @@ are asked of a bank ``[K, D]`` for each query ``[D]``:
 * the log-sum-exp of its scaled similarities (the InfoNCE denominator), and
 * its ``num_top`` most similar entries (MoCHi's hardest negatives).
 
-Both are answered in one pass over the bank, on one device or with the bank
-sharded over a mesh axis, and either *dense* (one ``[G, K]`` logits matrix)
-or *blocked* (bank blocks scanned with an online log-sum-exp and a running
-top-k merge, never holding more than ``[G, block]`` logits; the backward pass
-is blocked too).
+Both are answered on one device or with the bank sharded over a mesh axis,
+either *dense* (one ``[G, K]`` logits matrix) or *blocked*: the log-sum-exp
+scans bank blocks with an online maximum, holding ``[G, block]`` logits, and
+the top-k runs over chunks of query rows against the whole bank (XLA's top-k
+needs whole rows; merging per-block top-k lists measured several times
+slower). The forward pass also accumulates each query's softmax expectation
+of the bank rows, so the gradient with respect to the queries needs no
+second pass over the bank; a pass for the bank's own gradient runs only when
+that gradient is used.
 
 Sharded layout (inside ``jax.shard_map`` over ``axis_name`` with ``n``
 devices): every device holds ``B`` local queries and a ``[K / n, D]`` shard of
