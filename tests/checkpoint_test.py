@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 
 from hnjax import checkpoint
+from tests import testing
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -402,11 +402,6 @@ print('RESULT' + json.dumps(out))
 """
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
 
 @pytest.mark.slow
 class MultiProcessTest(absltest.TestCase):
@@ -417,7 +412,7 @@ class MultiProcessTest(absltest.TestCase):
     with open(script, 'w') as f:
       f.write(_WORKER.format(repo=_REPO))
     directory = os.path.join(directory, 'ckpt')
-    port = str(_free_port())
+    port = str(testing.free_port())
     env = dict(os.environ, JAX_NUM_CPU_DEVICES='2', XLA_FLAGS='')
     procs = [
         subprocess.Popen(  # pylint: disable=consider-using-with

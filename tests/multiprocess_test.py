@@ -7,7 +7,6 @@ and gradients, enqueue and save; the parent compares everything with its own
 """
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,14 +20,10 @@ from hnjax import checkpoint
 from hnjax import parallel
 from hnjax import queue as queue_lib
 from tests import multiprocess_common as common
+from tests import testing
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -49,7 +44,7 @@ class MultiProcessTest(absltest.TestCase):
     loss, grads = common.loss_and_grads(mesh, queue, batch)
     expected = common.enqueue(mesh, queue, batch)
 
-    port = _free_port()
+    port = testing.free_port()
     env = dict(os.environ, PYTHONPATH=_ROOT)
     env.pop('JAX_NUM_CPU_DEVICES', None)
     env.pop('XLA_FLAGS', None)

@@ -1,6 +1,8 @@
 """Tests for hnjax.samplers."""
 
+import importlib
 import math
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -337,8 +339,12 @@ class MochiTest(parameterized.TestCase):
                         num_query_mix=3)
     self.assertGreater(float(jnp.max(jnp.abs(h2[0] - h2[1]))), 1e-3)
 
-  @parameterized.parameters(False, True)
-  def test_logits_without_mixtures(self, masked):
+  @parameterized.product(masked=(False, True), chunked=(False, True))
+  def test_logits_without_mixtures(self, masked, chunked):
+    if chunked:  # 4 then 2 queries per forward chunk, 5 then 1 backward.
+      module = importlib.import_module('hnjax.samplers.mochi')
+      self.enter_context(mock.patch.object(
+          module, 'MIX_GATHER_FLOATS', 4 * 7 * self.q.shape[1]))
     # Non-unit bank rows, a partially and a fully masked row.
     bank = self.bank * np.linspace(0.5, 2.0, 40)[:, None].astype(np.float32)
     mask = np.ones((6, 40), bool)

@@ -1,5 +1,7 @@
 """Test helpers shared by the suite (no reference implementations here)."""
 
+import socket
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,3 +29,10 @@ def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
 
 def all_finite(tree) -> bool:
   return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that is free now (for a jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]

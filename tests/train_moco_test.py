@@ -12,7 +12,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from hnjax import checkpoint
 from hnjax import parallel
 from hnjax.train import loop
 from hnjax.train import moco
+from tests import testing
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SMOKE = ['--config=configs/mochi.py:smoke', '--config.eval.linear_probe=False']
@@ -187,9 +187,7 @@ class MultiHostTest(absltest.TestCase):
     # The same command on every "host": 2 processes x 1 CPU device over gloo,
     # each reading its own half of every global batch.
     workdir = tempfile.mkdtemp()
-    with socket.socket() as s:
-      s.bind(('127.0.0.1', 0))
-      port = s.getsockname()[1]
+    port = testing.free_port()
     procs = []
     for i in range(2):
       env = dict(_env(), HNJAX_DISTRIBUTED='1',

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,6 +12,7 @@ from absl.testing import absltest
 import pytest
 
 from hnjax.train import preemption
+from tests import testing
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,11 +93,6 @@ print('RESULT' + json.dumps(dict(
 """
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
 
 @pytest.mark.slow
 class MultiProcessTest(absltest.TestCase):
@@ -107,7 +102,7 @@ class MultiProcessTest(absltest.TestCase):
     script = os.path.join(tmp, 'worker.py')
     with open(script, 'w') as f:
       f.write(_WORKER.format(repo=_REPO))
-    port = str(_free_port())
+    port = str(testing.free_port())
     env = dict(os.environ, JAX_NUM_CPU_DEVICES='1', XLA_FLAGS='')
     procs = [
         subprocess.Popen(  # pylint: disable=consider-using-with
