@@ -80,27 +80,31 @@ def profile(args, k, iters):
   """Where MoCHi's time goes: each stage jitted and timed on its own."""
   from hnjax import bank  # pylint: disable=g-import-not-at-top
   from hnjax import samplers  # pylint: disable=g-import-not-at-top
-  q, pos, queue = _inputs(args.B, k, args.D)
+  q, _, queue = _inputs(args.B, k, args.D)
   key = jax.random.key(0)
-  top = bank.bank_stats(q, queue, num_top=args.N).top_indices
+  sims, top = jax.jit(lambda q, queue: bank.bank_stats(
+      q, queue, num_top=args.N)[1:3])(q, queue)
+  mix = dict(num_mix=args.s, num_query_mix=args.s_prime)
+  # Every array is an argument: XLA constant-folds gathers from closed-over
+  # constants, which would time the folding away.
   stages = {
       'logits + log-sum-exp, fwd+bwd (= MoCo)': (jax.jit(jax.grad(
-          lambda q: bank.bank_stats(q, queue, scales=(1 / args.T,)).lse.sum()
-      )), (q,)),
+          lambda q, queue: bank.bank_stats(
+              q, queue, scales=(1 / args.T,)).lse.sum())), (q, queue)),
       f'hardest-{args.N} selection': (jax.jit(
-          lambda q: bank.bank_stats(q, queue, num_top=args.N).top_indices),
-                                      (q,)),
-      f'XLA top_k alone on [B, K] logits': (jax.jit(
+          lambda q, queue: bank.bank_stats(
+              q, queue, num_top=args.N).top_indices), (q, queue)),
+      'XLA top_k alone on [B, K] logits': (jax.jit(
           lambda s: jax.lax.top_k(s, args.N)[1]), (q @ queue.T,)),
-      f'mixing {args.s}+{args.s_prime} and their logits, fwd+bwd': (
-          jax.jit(jax.grad(lambda q: jnp.sum(jax.nn.logsumexp(jnp.einsum(
-              'bd,bmd->bm', q, samplers.mochi_mix(
-                  key, q, queue, top, num_mix=args.s,
-                  num_query_mix=args.s_prime)), -1)))), (q,)),
-      f'XLA gather alone of {2 * args.s + args.s_prime} rows per query': (
-          jax.jit(lambda i: jnp.take(queue, i, axis=0, mode='clip')),
-          (jnp.tile(top, (1, -(-(2 * args.s + args.s_prime) // args.N)))[
-              :, :2 * args.s + args.s_prime],)),
+      f'synthetic logits ({args.s}+{args.s_prime}, mochi_logits), fwd+bwd': (
+          jax.jit(jax.grad(lambda q, queue, top, sims: jnp.sum(
+              jax.nn.logsumexp(samplers.mochi_logits(
+                  key, q, queue, top, sims, **mix), -1)))),
+          (q, queue, top, sims)),
+      'the same from materialised mixtures (mochi_mix), fwd+bwd': (
+          jax.jit(jax.grad(lambda q, queue, top: jnp.sum(jax.nn.logsumexp(
+              jnp.einsum('bd,bmd->bm', q, samplers.mochi_mix(
+                  key, q, queue, top, **mix)), -1)))), (q, queue, top)),
   }
   print(f'\nprofile at K={k} (median ms):')
   for name, (fn, a) in stages.items():
