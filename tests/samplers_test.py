@@ -1,6 +1,5 @@
 """Tests for hnjax.samplers."""
 
-import importlib
 import math
 from unittest import mock
 
@@ -10,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hnjax import bank as bank_lib
 from hnjax import losses
 from hnjax import samplers
 from tests import testing
@@ -342,9 +342,8 @@ class MochiTest(parameterized.TestCase):
   @parameterized.product(masked=(False, True), chunked=(False, True))
   def test_logits_without_mixtures(self, masked, chunked):
     if chunked:  # 4 then 2 queries per forward chunk, 5 then 1 backward.
-      module = importlib.import_module('hnjax.samplers.mochi')
       self.enter_context(mock.patch.object(
-          module, 'MIX_GATHER_FLOATS', 4 * 7 * self.q.shape[1]))
+          bank_lib, 'GATHER_CHUNK_FLOATS', 4 * 7 * self.q.shape[1]))
     # Non-unit bank rows, a partially and a fully masked row.
     bank = self.bank * np.linspace(0.5, 2.0, 40)[:, None].astype(np.float32)
     mask = np.ones((6, 40), bool)

@@ -7,6 +7,7 @@ unsharded arrays.
 """
 
 import functools
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -16,6 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from hnjax import bank as bank_lib
 from hnjax import losses
 from hnjax import parallel
 from hnjax import queue as queue_lib
@@ -95,10 +97,13 @@ class ShardedLossTest(parameterized.TestCase):
     np.testing.assert_array_equal(out[1], ref[1])  # global indices
     np.testing.assert_allclose(out[0], ref[0], atol=1e-6)
 
-  @parameterized.product(n=MESH_SIZES, num_hard=(1, 7))
-  def test_mochi(self, n, num_hard):
+  @parameterized.product(n=MESH_SIZES, num_hard=(1, 7), chunked=(False, True))
+  def test_mochi(self, n, num_hard, chunked):
     # Each query draws from fold_in(key, global row): results are equal,
     # not just equal in distribution, for any number of shards.
+    if chunked:  # Type-1 rows gathered 3 local queries at a time.
+      self.enter_context(mock.patch.object(
+          bank_lib, 'GATHER_CHUNK_FLOATS', 3 * n * 5 * 2 * 8))
     key = jax.random.key(4)
     fn = lambda q, b, m, ax: samplers.mochi(
         key, q, b, num_hard=num_hard, num_mix=5, num_query_mix=4,

@@ -8,8 +8,6 @@ from hnjax import _checks
 from hnjax import bank as bank_lib
 
 _EPS = 1e-12
-# Floats per gathered temporary in `mochi_logits` (1 MiB: cache-sized).
-MIX_GATHER_FLOATS = 2**18
 
 
 def _row_draws(key, row, num_valid, num_mix, num_query_mix):
@@ -191,26 +189,11 @@ def mix_parts(key, query, negatives, hardest_indices, *, num_mix,
           lax.stop_gradient(_normalize(h2, valid)))
 
 
-def _rows_per_chunk(rows_per_query, dim):
-  """Queries per `lax.map` step: gathered temporaries stay near 1 MiB."""
-  return max(1, MIX_GATHER_FLOATS // max(1, rows_per_query * dim))
-
-
 def _map_rows(fn, xs, rows_per_query):
-  """``fn`` over query rows, a few at a time (``xs[0]`` is ``[B, D]``)."""
-  # Not lax.map(batch_size=...): it reshapes with -1, which zero-size
-  # inputs (s = 0 or s' = 0) reject.
-  b, dim = xs[0].shape
-  size = min(b, _rows_per_chunk(rows_per_query, dim))
-  n = b // size
-  chunks = jax.tree.map(
-      lambda x: x[:n * size].reshape((n, size) + x.shape[1:]), xs)
-  out = jax.tree.map(lambda y: y.reshape((n * size,) + y.shape[2:]),
-                     lax.map(jax.vmap(fn), chunks))
-  if b % size:
-    rest = jax.vmap(fn)(jax.tree.map(lambda x: x[n * size:], xs))
-    out = jax.tree.map(lambda y, z: jnp.concatenate([y, z]), out, rest)
-  return out
+  """``jax.vmap(fn)(xs)`` a few query rows at a time (``xs[0]`` is [B, D])."""
+  dim = xs[0].shape[1]
+  rows = bank_lib.GATHER_CHUNK_FLOATS // max(1, rows_per_query * dim)
+  return bank_lib.map_row_chunks(jax.vmap(fn), xs, rows)
 
 
 @jax.custom_vjp
