@@ -15,9 +15,9 @@ Presets after the colon, comma separated:
 
 Expected results:
   data=shapes   convnet, 8 epochs, batch 256, K=2048, T=0.1: kNN top-1
-                0.285 +- 0.003 and linear probe 0.348 +- 0.014 (3 seeds), in
-                about 3 minutes on a 2-core x86-64 CPU VM (README, "Results";
-                raw-pixel kNN is 0.264, chance 0.05).
+                0.284 +- 0.008 and linear probe 0.340 +- 0.011 (3 seeds), in
+                about 2 minutes on a 2-core x86-64 CPU VM (README, "Results";
+                raw-pixel kNN is 0.257, chance 0.05).
   data=cifar10  ResNet-18, 200 epochs, batch 512: the official MoCo CIFAR demo
                 reports kNN 82.6 (asymmetric loss); not run here (no GPU).
   data=imagenet ResNet-50, 200 epochs, batch 256 on 8 accelerators: 67.5
