@@ -23,7 +23,7 @@ class PreemptionGuardTest(absltest.TestCase):
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     with preemption.PreemptionGuard() as guard:
       self.assertFalse(guard.should_stop(1))
-      os.kill(os.getpid(), signal.SIGTERM)
+      signal.raise_signal(signal.SIGTERM)
       self.assertTrue(guard.stop_requested)
       self.assertTrue(guard.should_stop(2))
       self.assertTrue(guard.should_stop())
@@ -32,10 +32,10 @@ class PreemptionGuardTest(absltest.TestCase):
 
   def test_first_ctrl_c_is_a_flag_second_aborts(self):
     with preemption.PreemptionGuard() as guard:
-      os.kill(os.getpid(), signal.SIGINT)  # No KeyboardInterrupt.
+      signal.raise_signal(signal.SIGINT)  # No KeyboardInterrupt.
       self.assertTrue(guard.should_stop(1))
       with self.assertRaises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
     self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
 
   def test_repeated_sigterm_does_not_kill(self):
@@ -44,10 +44,10 @@ class PreemptionGuardTest(absltest.TestCase):
     try:
       with preemption.PreemptionGuard() as guard:
         for _ in range(3):
-          os.kill(os.getpid(), signal.SIGTERM)
+          signal.raise_signal(signal.SIGTERM)
         self.assertTrue(guard.should_stop(1))
       self.assertEqual(calls, [])  # The outer handler never ran...
-      os.kill(os.getpid(), signal.SIGTERM)
+      signal.raise_signal(signal.SIGTERM)
       self.assertLen(calls, 1)  # ...and is back after the guard.
     finally:
       signal.signal(signal.SIGTERM, old)
@@ -84,7 +84,7 @@ stopped_at = None
 with preemption.PreemptionGuard(sync_every=4) as guard:
   for step in range(1, 20):
     if pid == 1 and step == 5:
-      os.kill(os.getpid(), signal.SIGTERM)  # Only process 1 is preempted.
+      signal.raise_signal(signal.SIGTERM)  # Only process 1 is preempted.
     if guard.should_stop(step):
       stopped_at = step
       break
