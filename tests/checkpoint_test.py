@@ -1,7 +1,6 @@
 """Tests for hnjax.checkpoint."""
 
 import glob
-import json
 import os
 import shutil
 import signal
@@ -414,22 +413,9 @@ class MultiProcessTest(absltest.TestCase):
     directory = os.path.join(directory, 'ckpt')
     port = str(testing.free_port())
     env = dict(os.environ, JAX_NUM_CPU_DEVICES='2', XLA_FLAGS='')
-    procs = [
-        subprocess.Popen(  # pylint: disable=consider-using-with
-            [sys.executable, script, str(i), port, directory],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    results = []
-    for p in procs:
-      stdout, stderr = p.communicate(timeout=180)
-      self.assertEqual(p.returncode, 0, stderr[-3000:])
-      line = [l for l in stdout.splitlines() if l.startswith('RESULT')][-1]
-      results.append(json.loads(line[len('RESULT') :]))
+    results = testing.run_workers(
+        script, [[str(i), port, directory] for i in range(2)], env,
+        timeout=180)
     want_sum = float(
         np.random.RandomState(1).randn(256, 128).astype(np.float32).sum()
     )

@@ -1,6 +1,9 @@
 """Test helpers shared by the suite (no reference implementations here)."""
 
+import json
 import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -36,3 +39,27 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def run_workers(script: str, args: list[list[str]], env: dict[str, str],
+                timeout: float) -> list[dict]:
+  """Runs ``script`` once per argument list, all at once (one per process).
+
+  Each worker prints ``RESULT<json>`` as its last such line. Returns those
+  dicts in order; raises AssertionError with the stderr tail of a worker
+  that failed.
+  """
+  procs = [
+      subprocess.Popen(  # pylint: disable=consider-using-with
+          [sys.executable, script, *a], env=env, stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE, text=True)
+      for a in args
+  ]
+  results = []
+  for p in procs:
+    stdout, stderr = p.communicate(timeout=timeout)
+    if p.returncode:
+      raise AssertionError(f'worker exited {p.returncode}: {stderr[-3000:]}')
+    line = [l for l in stdout.splitlines() if l.startswith('RESULT')][-1]
+    results.append(json.loads(line[len('RESULT'):]))
+  return results

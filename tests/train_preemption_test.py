@@ -1,10 +1,7 @@
 """Tests for hnjax.train.preemption."""
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 
@@ -104,22 +101,8 @@ class MultiProcessTest(absltest.TestCase):
       f.write(_WORKER.format(repo=_REPO))
     port = str(testing.free_port())
     env = dict(os.environ, JAX_NUM_CPU_DEVICES='1', XLA_FLAGS='')
-    procs = [
-        subprocess.Popen(  # pylint: disable=consider-using-with
-            [sys.executable, script, str(i), port],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    results = []
-    for p in procs:
-      stdout, stderr = p.communicate(timeout=120)
-      self.assertEqual(p.returncode, 0, stderr[-3000:])
-      line = [l for l in stdout.splitlines() if l.startswith('RESULT')][-1]
-      results.append(json.loads(line[len('RESULT') :]))
+    results = testing.run_workers(
+        script, [[str(i), port] for i in range(2)], env, timeout=120)
     # The signal arrived at step 5 on process 1; the next agreement is at 8.
     self.assertEqual(
         results,
