@@ -62,9 +62,17 @@ class MetricWriter:
     self.workdir = os.fspath(workdir)
     self.enabled = enabled
     self._tb = None
+    self._purge_step = None
     if enabled:
       os.makedirs(self.workdir, exist_ok=True)
-      self._tb = tensorboardX.SummaryWriter(self.workdir, flush_secs=30)
+
+  def _events(self) -> tensorboardX.SummaryWriter:
+    # Opened on first use, so that a resume's truncate_after leaves one
+    # events file per run segment, not an extra empty one.
+    if self._tb is None:
+      self._tb = tensorboardX.SummaryWriter(
+          self.workdir, flush_secs=30, purge_step=self._purge_step)
+    return self._tb
 
   def _append(self, filename: str, record: Mapping[str, Any]) -> None:
     # Opened per call and flushed on close: a crash loses at most this line.
@@ -95,8 +103,8 @@ class MetricWriter:
     self._append(METRICS_FILE, record)
     for name, value in record.items():
       if name != 'step':
-        self._tb.add_scalar(name, value, global_step=int(step))
-    self._tb.flush()
+        self._events().add_scalar(name, value, global_step=int(step))
+    self._events().flush()
 
   def write_histogram(
       self,
@@ -146,7 +154,7 @@ class MetricWriter:
     self._append(HISTOGRAMS_FILE, record)
     if x.size:
       # TensorBoard buckets are (limit[i-1], limit[i]]: pass the right edges.
-      self._tb.add_histogram_raw(
+      self._events().add_histogram_raw(
           name,
           min=float(x.min()),
           max=float(x.max()),
@@ -157,7 +165,7 @@ class MetricWriter:
           bucket_counts=counts.tolist(),
           global_step=int(step),
       )
-      self._tb.flush()
+      self._events().flush()
 
   def write_config(self, config: Any) -> None:
     """Writes ``config.json`` (a dict or an ``ml_collections.ConfigDict``).
@@ -202,10 +210,10 @@ class MetricWriter:
       with open(path + '.tmp', 'w') as f:
         f.writelines(kept)
       os.replace(path + '.tmp', path)
-    self._tb.close()
-    self._tb = tensorboardX.SummaryWriter(
-        self.workdir, flush_secs=30, purge_step=keep_upto + 1
-    )
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+    self._purge_step = keep_upto + 1
 
   def flush(self) -> None:
     """Flushes TensorBoard events (JSON lines are always flushed)."""
