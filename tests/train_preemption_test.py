@@ -28,6 +28,10 @@ class PreemptionGuardTest(absltest.TestCase):
       self.assertIs(signal.getsignal(s), handler)
 
   def test_first_ctrl_c_is_a_flag_second_aborts(self):
+    # Python's own Ctrl-C handler before the guard, whatever earlier tests in
+    # this worker process left behind.
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    self.addCleanup(signal.signal, signal.SIGINT, old)
     with preemption.PreemptionGuard() as guard:
       signal.raise_signal(signal.SIGINT)  # No KeyboardInterrupt.
       self.assertTrue(guard.should_stop(1))
