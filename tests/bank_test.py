@@ -117,5 +117,33 @@ class BlockedEqualsDenseTest(parameterized.TestCase):
       bank.bank_stats(self.q, self.negs, num_top=1, block_size=-1)
 
 
+class MapRowChunksTest(parameterized.TestCase):
+
+  @parameterized.parameters(1, 2, 3, 7, 8, 100)
+  def test_equals_one_call(self, rows):
+    # A row-wise function of a pytree, with a two-output result.
+    x = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    y = np.arange(7, dtype=np.int32)
+    fn = lambda t: (t[0] * 2.0 + t[1][:, None], t[1] - 1)
+    calls = []
+
+    def counted(t):
+      calls.append(t[0].shape[0])
+      return fn(t)
+
+    out = bank.map_row_chunks(counted, (x, y), rows)
+    want = fn((x, y))
+    np.testing.assert_array_equal(out[0], want[0])
+    np.testing.assert_array_equal(out[1], want[1])
+    # Traced once per chunk size: the full chunks, then the remainder.
+    r = min(rows, 7)
+    self.assertEqual(calls, [r] + ([7 % r] if 7 % r else []))
+
+  def test_zero_width_rows(self):
+    x = np.zeros((5, 0, 2), np.float32)
+    out = bank.map_row_chunks(lambda t: t + 1.0, x, 2)
+    self.assertEqual(out.shape, (5, 0, 2))
+
+
 if __name__ == '__main__':
   absltest.main()
