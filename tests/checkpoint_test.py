@@ -401,7 +401,6 @@ print('RESULT' + json.dumps(out))
 """
 
 
-
 @pytest.mark.slow
 class MultiProcessTest(absltest.TestCase):
 

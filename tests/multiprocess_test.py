@@ -25,7 +25,6 @@ from tests import testing
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-
 @pytest.mark.slow
 class MultiProcessTest(absltest.TestCase):
 

@@ -35,7 +35,7 @@ def all_finite(tree) -> bool:
 
 
 def free_port() -> int:
-  """A TCP port on 127.0.0.1 that is free now (for a jax.distributed coordinator)."""
+  """A free TCP port on 127.0.0.1 (for a jax.distributed coordinator)."""
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]

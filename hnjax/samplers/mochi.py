@@ -135,7 +135,7 @@ def mochi_mix(
     ``[B, num_mix + num_query_mix, D]`` float32 stop-gradient unit vectors
     (zeros for a query without any valid hardest negative).
   """
-  h1, h2 = mix_parts(key, query, negatives, hardest_indices, num_mix=num_mix,
+  h1, h2 = _mix_parts(key, query, negatives, hardest_indices, num_mix=num_mix,
                      num_query_mix=num_query_mix, axis_name=axis_name)
   return jnp.concatenate([h1, h2], axis=1)
 
@@ -147,13 +147,9 @@ def _normalize(x, valid):
   return x * jnp.where(valid[:, None, None], inv, 0.0)
 
 
-def mix_parts(key, query, negatives, hardest_indices, *, num_mix,
-              num_query_mix, axis_name=None):
-  """`mochi_mix` as two arrays: type 1 ``[B, s, D]`` and type 2 ``[B, s', D]``.
-
-  Keeping the two types apart saves the copy of concatenating them when the
-  caller only needs their logits (`hnjax.losses.mochi_info_nce`).
-  """
+def _mix_parts(key, query, negatives, hardest_indices, *, num_mix,
+               num_query_mix, axis_name=None):
+  """`mochi_mix` as two arrays: type 1 ``[B, s, D]`` and type 2 ``[B, s', D]``."""
   num_mix = _checks.non_negative_int('num_mix', num_mix)
   num_query_mix = _checks.non_negative_int('num_query_mix', num_query_mix)
   _checks.embeddings('query', query)
@@ -175,6 +171,9 @@ def mix_parts(key, query, negatives, hardest_indices, *, num_mix,
   idx1 = jnp.take_along_axis(top, pairs.reshape(b, -1), 1).reshape(pairs.shape)
   idx2 = jnp.take_along_axis(top, single, 1)
   if axis_name is None:
+    # One batched gather: through `bank.gather_rows`' row chunks this
+    # measured 10x slower on one device (1.5 s against 0.16 s at B=256,
+    # s=1024, K=65536).
     take = lambda i: jnp.take(bank, jnp.maximum(i, 0), axis=0, mode='clip')
     h1 = (alpha[..., None] * take(idx1[..., 0]) +
           (1.0 - alpha[..., None]) * take(idx1[..., 1]))
