@@ -80,21 +80,16 @@ def build(arg: str | None, method: str) -> mlc.ConfigDict:
     raise ValueError(f'unknown data preset {arg.data!r}; known: '
                      f'{", ".join(_DATA)}')
   d = _DATA[arg.data]
-  c = mlc.ConfigDict()
-  c.method = method  # 'moco_v2' or 'mochi'
-  c.seed = 0
-  c.batch_size = d['batch_size']  # global, over all devices and hosts
-  c.num_epochs = d['num_epochs']
-  c.num_steps = -1  # > 0 overrides num_epochs
-  c.temperature = d['temperature']
+  c = common.base(method=method,  # 'moco_v2' or 'mochi'
+                  batch_size=d['batch_size'], num_epochs=d['num_epochs'],
+                  temperature=d['temperature'])
   c.momentum = d['momentum']  # of the key encoder (EMA)
   c.shuffle_bn = True  # permute the key batch across BN groups (§2.4)
 
-  c.data = mlc.ConfigDict(dict(
-      name=d['name'], data_dir='', image_size=d['image_size'],
+  c.data = common.data(
+      d['name'], image_size=d['image_size'],
       load_size=0,  # ImageNet: host-side square before the crop (0: 256)
-      classes='',  # imagenet100: comma-separated synsets ('' = CMC list)
-      num_workers=0))
+      classes='')  # imagenet100: comma-separated synsets ('' = CMC list)
 
   c.model = mlc.ConfigDict(dict(
       backbone=arg.model or d['backbone'], head='mlp', dim=128,
@@ -112,29 +107,24 @@ def build(arg: str | None, method: str) -> mlc.ConfigDict:
       num_hard=num_hard, num_mix=num_mix, num_query_mix=num_query_mix,
       warmup_epochs=d['mochi_warmup_epochs']))  # plain MoCo before mixing
 
-  c.optim = mlc.ConfigDict(dict(
+  c.optim = common.optim(
       name='sgd',  # or 'lars'
       learning_rate=d['learning_rate'],  # for a batch of lr_base_batch
       lr_base_batch=256 if arg.data.startswith('imagenet') else (
           d['batch_size']),
-      momentum=0.9, weight_decay=d['weight_decay'], warmup_epochs=0,
-      schedule='cosine'))  # or 'constant'
+      weight_decay=d['weight_decay'])  # schedule 'cosine' or 'constant'
 
   c.augment = mlc.ConfigDict(dict(
       scale_min=d.get('scale_min', 0.2), flip_prob=0.5, jitter_prob=0.8,
       jitter_strength=0.4, hue=d.get('hue', 0.1),
       grayscale_prob=d.get('grayscale_prob', 0.2), blur_prob=d['blur_prob']))
 
-  c.eval = mlc.ConfigDict(dict(
-      knn_every_steps=-1,  # -1: 4 times per run; 0: only at the end
+  c.eval = common.evaluation(
+      during='knn', final='knn,linear',  # evaluator names, comma separated
       knn_k=200, knn_temperature=0.1,  # InstDisc protocol
       features='backbone',  # or 'projection'
-      batch_size=512,
-      linear_probe=True, probe_epochs=d['probe_epochs']))
-
-  c.log_every_steps = 20
-  c.hist_every_steps = 100
-  c.ckpt = mlc.ConfigDict(dict(every_steps=200, max_to_keep=3))
+      probe_epochs=d['probe_epochs'])
+  common.add_logging(c)
 
   if arg.smoke:
     c.data.name = 'shapes32/small' if d['name'] == 'shapes32' else c.data.name
@@ -148,6 +138,6 @@ def build(arg: str | None, method: str) -> mlc.ConfigDict:
     c.log_every_steps = 4
     c.hist_every_steps = 8
     c.ckpt.every_steps = 6
-    c.eval.knn_every_steps = 12
+    c.eval.every_steps = 12
     c.eval.probe_epochs = 5
   return c

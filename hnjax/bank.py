@@ -36,6 +36,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from hnjax import _checks
+from hnjax import parallel
 
 # Blocked path when a device would otherwise hold more logits than this.
 # 2**22 float32 logits are 16 MiB; measured in benchmarks/negatives.py.
@@ -66,13 +67,6 @@ class BankStats(NamedTuple):
   lse: jax.Array
   top_similarities: jax.Array
   top_indices: jax.Array
-
-
-def gather_queries(query: jax.Array, axis_name: str | None) -> jax.Array:
-  """All-gathers ``[B, D]`` local queries to ``[G, D]`` (with gradient)."""
-  if axis_name is None:
-    return query
-  return lax.all_gather(query, axis_name, tiled=True)
 
 
 def safe_log(x: jax.Array) -> jax.Array:
@@ -379,7 +373,7 @@ def bank_stats(
     raise ValueError(
         f'num_top={num_top} is larger than the bank ({n * k_local} entries)')
   scales = tuple(float(s) for s in scales)
-  q = gather_queries(jnp.asarray(query, jnp.float32), axis_name)
+  q = parallel.gather(jnp.asarray(query, jnp.float32), axis_name)
   bank = jnp.asarray(negatives, jnp.float32)
   local_top = min(num_top, k_local)
   block = _resolve_block_size(block_size, g, k_local)

@@ -374,11 +374,11 @@ class Checkpointer:
           s,
           self.directory,
           type(err).__name__,
-          _first_line(err),
+          first_line(err),
       )
       errors.append((s, err))
     details = '; '.join(
-        f'step {s}: {type(e).__name__}: {_first_line(e)}' for s, e in errors
+        f'step {s}: {type(e).__name__}: {first_line(e)}' for s, e in errors
     )
     raise RuntimeError(
         f'No checkpoint in {self.directory} could be restored ({details}). If'
@@ -458,6 +458,62 @@ def _check_global(state: PyTree) -> None:
       )
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+  """The first line of an exception's message (at most 300 characters)."""
   text = str(e).strip()
   return text.splitlines()[0][:300] if text else ''
+
+
+def restore_fields(
+    directory: str | os.PathLike[str],
+    abstract: dict[str, PyTree],
+    *,
+    step: int | None = None,
+) -> tuple[int, dict[str, PyTree]]:
+  """Reads some top-level fields of a saved state, e.g. only ``params``.
+
+  For starting a run from another run's parameters: the other state may
+  have fields this one lacks (another optimizer, a queue). Read-only: the
+  directory is never modified.
+
+  Args:
+    directory: a :class:`Checkpointer` directory.
+    abstract: ``{field: abstract pytree}`` (see :func:`abstract_state`) of
+      the fields to read, with the shapes and shardings wanted.
+    step: the step to read; default the newest.
+
+  Returns:
+    ``(step, {field: restored pytree})``.
+
+  Raises:
+    FileNotFoundError: no checkpoint (or not ``step``) in ``directory``.
+    ValueError: the fields are missing or their shapes differ.
+  """
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'no checkpoint directory {directory}')
+  mngr = ocp.CheckpointManager(
+      epath.Path(directory), item_names=(_STATE, _META, _FINGERPRINT),
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    steps = mngr.all_steps()
+    if not steps or (step is not None and step not in steps):
+      raise FileNotFoundError(
+          f'no checkpoint{"" if step is None else f" for step {step}"} in'
+          f' {directory}')
+    step = max(steps) if step is None else step
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype),
+        abstract)
+    try:
+      out = mngr.restore(step, args=ocp.args.Composite(**{
+          _STATE: ocp.args.PyTreeRestore(
+              item=abstract, restore_args=restore_args,
+              partial_restore=True)}))
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      # Orbax raises many types for a structure or shape mismatch.
+      raise ValueError(
+          f'step {step} in {directory} does not fit '
+          f'{sorted(abstract)}: {type(e).__name__}: {first_line(e)}') from e
+    return step, dict(out[_STATE])
+  finally:
+    mngr.close()

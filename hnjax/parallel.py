@@ -19,6 +19,7 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
@@ -152,11 +153,24 @@ def replicated_key(seed: int, mesh: Mesh) -> jax.Array:
                  out_shardings=replicated_sharding(mesh))()
 
 
-def gather(x: jax.Array, axis_name: str, *, gradient: str = 'all') -> jax.Array:
+def to_host(x: Any) -> np.ndarray:
+  """The global value of an array as numpy on every process.
+
+  Arrays spread over several processes are all-gathered across hosts (a
+  collective every process must join); others are copied to the host.
+  """
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def gather(x: jax.Array, axis_name: str | None, *,
+           gradient: str = 'all') -> jax.Array:
   """All-gathers ``[B, ...]`` rows from every device into ``[G, ...]``.
 
-  Call inside ``jax.shard_map``. How gradients flow back decides whether
-  the loss built on the result is exact:
+  Call inside ``jax.shard_map``; with ``axis_name=None`` (one device, no
+  mesh) it returns ``x``. How gradients flow back decides whether the loss
+  built on the result is exact:
 
   * ``'all'``: ``all_gather`` is differentiable, its transpose is
     ``psum_scatter``: every device's rows receive the gradient of every
@@ -170,7 +184,7 @@ def gather(x: jax.Array, axis_name: str, *, gradient: str = 'all') -> jax.Array:
 
   Args:
     x: ``[B, ...]`` local rows.
-    axis_name: the mesh axis.
+    axis_name: the mesh axis, or None.
     gradient: ``'all'``, ``'local'`` or ``'none'``.
 
   Returns:
@@ -179,6 +193,8 @@ def gather(x: jax.Array, axis_name: str, *, gradient: str = 'all') -> jax.Array:
   if gradient not in ('all', 'local', 'none'):
     raise ValueError(f"gradient must be 'all', 'local' or 'none', got "
                      f'{gradient!r}')
+  if axis_name is None:
+    return x
   if gradient == 'all':
     return lax.all_gather(x, axis_name, tiled=True)
   full = lax.all_gather(lax.stop_gradient(x), axis_name, tiled=True)

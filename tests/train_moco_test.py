@@ -28,12 +28,13 @@ from configs import mochi as mochi_config
 from configs import moco_v2 as moco_config
 from hnjax import checkpoint
 from hnjax import parallel
-from hnjax.train import loop
+from hnjax.train import checks
 from hnjax.train import moco
+from hnjax.train import runner
 from tests import testing
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SMOKE = ['--config=configs/mochi.py:smoke', '--config.eval.linear_probe=False']
+_SMOKE = ['--config=configs/mochi.py:smoke', '--config.eval.final=knn']
 
 
 def _env():
@@ -146,8 +147,8 @@ class BadConfigTest(parameterized.TestCase):
       for p in parents:
         node = node[p]
       node[leaf] = v
-    with self.assertRaises(loop.ConfigError) as cm:
-      moco.validate(config, num_devices=8)
+    with self.assertRaises(checks.ConfigError) as cm:
+      runner.validate(moco.FAMILY, config, num_devices=8)
     self.assertIn(expected, str(cm.exception))
     self.assertNotIn('\n', str(cm.exception))
 
@@ -155,7 +156,7 @@ class BadConfigTest(parameterized.TestCase):
     for get in (mochi_config.get_config, moco_config.get_config):
       for arg in ('', 'data=digits', 'data=cifar10', 'data=imagenet100',
                   'data=imagenet,model=resnet50', 'smoke'):
-        moco.validate(get(arg), num_devices=8)
+        runner.validate(moco.FAMILY, get(arg), num_devices=8)
     with self.assertRaisesRegex(ValueError, "unknown config preset 'dat'"):
       mochi_config.get_config('dat=shapes')
 
@@ -195,7 +196,7 @@ class MultiHostTest(absltest.TestCase):
                  HNJAX_NUM_PROCESSES='2', HNJAX_PROCESS_ID=str(i))
       procs.append(subprocess.Popen(
           [sys.executable, '-m', 'launch.moco', f'--workdir={workdir}',
-           *_SMOKE, '--config.num_steps=12', '--config.eval.knn_every_steps=0'],
+           *_SMOKE, '--config.num_steps=12', '--config.eval.every_steps=0'],
           cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
           text=True))
     outs = [p.communicate(timeout=600) for p in procs]
@@ -217,8 +218,8 @@ class InProcessTest(absltest.TestCase):
     config = mochi_config.get_config('smoke')
     config.num_steps = 8
     config.ckpt.every_steps = 4
-    config.eval.linear_probe = False
-    config.eval.knn_every_steps = 0
+    config.eval.final = "knn"
+    config.eval.every_steps = 0
     summary = moco.train_and_evaluate(config, workdir)
     self.assertEqual(summary['step'], 8)
     self.assertFalse(summary['interrupted'])

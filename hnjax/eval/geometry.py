@@ -18,17 +18,12 @@ import math
 import jax
 import jax.numpy as jnp
 
+from hnjax import numerics
 from hnjax.eval import _arrays
-
-_EPS = 1e-6
-
 
 def _prepare(x: jax.Array, normalize: bool) -> jax.Array:
   """Float32 copy of ``x``, L2-normalised if asked; runs inside jit."""
-  x = x.astype(jnp.float32)
-  if normalize:
-    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _EPS)
-  return x
+  return numerics.l2_normalize(x) if normalize else x.astype(jnp.float32)
 
 
 def alignment(

@@ -19,22 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hnjax import numerics
 from hnjax.eval import _arrays
-
-# Survives bfloat16 inputs (upcast first) and all-zero rows.
-_EPS = 1e-6
-
-
-def _normalize(x: jax.Array) -> jax.Array:
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _EPS)
 
 
 @functools.partial(jax.jit, static_argnames=('num_classes', 'k', 'chunk_size'))
 def _knn_predict(
     query, bank, bank_labels, temperature, *, num_classes, k, chunk_size
 ):
-  q, b = _normalize(query), _normalize(bank)
+  q, b = numerics.l2_normalize(query), numerics.l2_normalize(bank)
   num_queries, dim = q.shape
   pad = -num_queries % chunk_size
   chunks = jnp.pad(q, ((0, pad), (0, 0))).reshape(-1, chunk_size, dim)

@@ -1,7 +1,7 @@
 """PNG plots of a run's logs: training curves and hard-negative statistics.
 
-Reads what :class:`hnjax.train.writer.MetricWriter` writes (``metrics.jsonl``
-and ``histograms.jsonl``) and draws, into the workdir:
+Reads a run's logs (``metrics.jsonl`` and ``histograms.jsonl``, see
+`hnjax.runlog`) and draws, into the workdir:
 
 - ``<metric>.png`` for each curve present among ``loss``, ``knn_top1``,
   ``proxy_acc`` (accuracy of the contrastive proxy task: how often the
@@ -34,7 +34,7 @@ matplotlib.use('Agg')  # Files only; no display needed.
 from matplotlib import pyplot as plt
 import numpy as np
 
-from hnjax.train import writer as writer_lib
+from hnjax import runlog
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_METRICS = (
@@ -44,6 +44,7 @@ DEFAULT_METRICS = (
     'pos_logit',
     'neg_logit',
     'hard_neg_sim',
+    'knn_mae',
 )
 
 
@@ -95,7 +96,7 @@ def plot_run(
   """
   workdir = os.fspath(workdir)
   curves = _curves(
-      writer_lib.read_jsonl(os.path.join(workdir, writer_lib.METRICS_FILE))
+      runlog.read_metrics(workdir)
   )
   names = DEFAULT_METRICS if metrics is None else metrics
   written = []
@@ -110,7 +111,7 @@ def plot_run(
     ax.grid(alpha=0.3)
     written.append(_save(fig, os.path.join(workdir, f'{name}.png')))
   histograms = _histograms(
-      writer_lib.read_jsonl(os.path.join(workdir, writer_lib.HISTOGRAMS_FILE))
+      runlog.read_histograms(workdir)
   )
   for name, records in histograms.items():
     written.append(
@@ -214,11 +215,11 @@ def plot_comparison(
   runs = []  # (label, {panel: (steps, values)})
   for label, w in zip(labels, workdirs):
     curves = _curves(
-        writer_lib.read_jsonl(os.path.join(w, writer_lib.METRICS_FILE))
+        runlog.read_metrics(w)
     )
     panels = {n: curves[n] for n in names if n in curves}
     for hname, records in _histograms(
-        writer_lib.read_jsonl(os.path.join(w, writer_lib.HISTOGRAMS_FILE))
+        runlog.read_histograms(w)
     ).items():
       means = [
           (r['step'], r['mean']) for r in records if r.get('mean') is not None
@@ -246,6 +247,107 @@ def plot_comparison(
   for ax in list(axes.flat)[len(panel_names) :]:
     ax.axis('off')
   return _save(fig, os.fspath(out_png))
+
+
+def plot_regression(
+    workdir: str | os.PathLike[str],
+    *,
+    train_targets: np.ndarray,
+    test_targets: np.ndarray,
+    predictions: np.ndarray,
+    test_features: np.ndarray,
+    bin_width: float,
+    target: str = 'target',
+    max_pairs: int = 20000,
+    seed: int = 0,
+) -> list[str]:
+  """The figures of a contrastive-regression run, into its workdir.
+
+  - ``regression_bins.png``: test MAE per target bin, over the training
+    examples per bin (the DIR shot groups: many > 100, few < 20);
+  - ``embedding_2d.png``: the test features projected on their first two
+    principal components, coloured by target (a smooth colour gradient is
+    an ordered embedding);
+  - ``ordinality.png``: feature distance (cosine, normalised features)
+    against target distance over random test pairs, median and quartiles
+    per target-distance bin: it rises monotonically when the embedding
+    orders the targets.
+
+  Args:
+    workdir: where to write.
+    train_targets: ``[N]`` training targets (for the bin counts).
+    test_targets: ``[M]`` test targets.
+    predictions: ``[M]`` the probe's test predictions.
+    test_features: ``[M, F]`` frozen test features.
+    bin_width: target bin width.
+    target: the target's name, for the axis labels.
+    max_pairs: random test pairs in the ordinality plot.
+    seed: seed of those pairs.
+
+  Returns:
+    Paths of the PNG files written.
+  """
+  workdir = os.fspath(workdir)
+  y = np.asarray(test_targets, np.float64)
+  err = np.abs(np.asarray(predictions, np.float64) - y)
+  train_bins = np.floor(np.asarray(train_targets, np.float64) / bin_width)
+  test_bins = np.floor(y / bin_width)
+  bins = np.unique(np.concatenate([train_bins, test_bins]))
+  counts = np.array([np.sum(train_bins == b) for b in bins])
+  mae = np.array([err[test_bins == b].mean() if np.any(test_bins == b)
+                  else np.nan for b in bins])
+  centres = (bins + 0.5) * bin_width
+  written = []
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  colours = np.where(counts > 100, 'tab:green',
+                     np.where(counts < 20, 'tab:red', 'tab:orange'))
+  ax.bar(centres, mae, width=bin_width * 0.9, color=colours)
+  ax.set_xlabel(target)
+  ax.set_ylabel('test MAE (green many, orange medium, red few-shot)')
+  twin = ax.twinx()
+  twin.plot(centres, counts, color='k', lw=1)
+  twin.set_ylabel('training examples per bin')
+  ax.set_title('MAE per target bin')
+  written.append(_save(fig, os.path.join(workdir, 'regression_bins.png')))
+
+  x = np.asarray(test_features, np.float64)
+  x = x - x.mean(axis=0)
+  _, _, vt = np.linalg.svd(x, full_matrices=False)
+  xy = x @ vt[:2].T
+  fig, ax = plt.subplots(figsize=(5.5, 4.5))
+  points = ax.scatter(xy[:, 0], xy[:, 1], c=y, s=4, cmap='viridis')
+  fig.colorbar(points, ax=ax, label=target)
+  ax.set_xlabel('PC 1')
+  ax.set_ylabel('PC 2')
+  ax.set_title('test features, coloured by target')
+  written.append(_save(fig, os.path.join(workdir, 'embedding_2d.png')))
+
+  rng = np.random.default_rng(seed)
+  i, j = rng.integers(0, len(y), (2, max_pairs))
+  keep = i != j
+  i, j = i[keep], j[keep]
+  unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  dist = 1.0 - np.sum(unit[i] * unit[j], axis=1)
+  dy = np.abs(y[i] - y[j])
+  edges = np.linspace(0, dy.max() + 1e-12, 21)
+  which = np.digitize(dy, edges) - 1
+  mid, q = [], []
+  for b in range(20):
+    d = dist[which == b]
+    if d.size:
+      mid.append((edges[b] + edges[b + 1]) / 2)
+      q.append(np.percentile(d, [25, 50, 75]))
+  q = np.asarray(q)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot(mid, q[:, 1], marker='o', markersize=3)
+  ax.fill_between(mid, q[:, 0], q[:, 2], alpha=0.3)
+  ax.set_xlabel(f'|Δ {target}|')
+  ax.set_ylabel('feature cosine distance')
+  ax.set_title('ordinality: feature distance vs target distance')
+  ax.grid(alpha=0.3)
+  written.append(_save(fig, os.path.join(workdir, 'ordinality.png')))
+  return written
 
 
 def _save(fig, path: str) -> str:

@@ -9,10 +9,10 @@ device's embeddings get the exact global gradient. Memory per device is
 """
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 
 from hnjax import _checks
+from hnjax import parallel
 from hnjax import bank as bank_lib
 from hnjax.samplers import geodesic
 
@@ -22,12 +22,6 @@ def _pair(name_a, a, name_b, b):
   _checks.floating(name_b, b)
   _checks.same_shape(name_a, a, name_b, b)
   return jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-
-
-def _local_rows(b: int, axis_name: str | None) -> jax.Array:
-  """Global indices of this device's rows."""
-  first = 0 if axis_name is None else lax.axis_index(axis_name) * b
-  return first + jnp.arange(b)
 
 
 def _cross_entropy(logits, labels, label_smoothing):
@@ -91,9 +85,9 @@ def symmetric_info_nce(
                      f'{label_smoothing}')
   _checks.axis_size(axis_name)
   inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
-  labels = _local_rows(a.shape[0], axis_name)
-  a_all = bank_lib.gather_queries(a, axis_name)
-  b_all = bank_lib.gather_queries(b, axis_name)
+  labels = parallel.local_rows(a.shape[0], axis_name)
+  a_all = parallel.gather(a, axis_name)
+  b_all = parallel.gather(b, axis_name)
   ce_ab = _cross_entropy(a @ b_all.T * inv_t, labels, label_smoothing)
   ce_ba = _cross_entropy(b @ a_all.T * inv_t, labels, label_smoothing)
   return 0.5 * (ce_ab + ce_ba)
@@ -144,8 +138,8 @@ def sigmoid_contrastive(
   a, b = _pair('a', a, 'b', b)
   _checks.positive('scale', scale)
   _checks.axis_size(axis_name)
-  labels = _local_rows(a.shape[0], axis_name)
-  b_all = bank_lib.gather_queries(b, axis_name)
+  labels = parallel.local_rows(a.shape[0], axis_name)
+  b_all = parallel.gather(b, axis_name)
   logits = jnp.asarray(scale, jnp.float32) * (a @ b_all.T) + jnp.asarray(
       bias, jnp.float32)
   z = jnp.where(labels[:, None] == jnp.arange(b_all.shape[0])[None], 1., -1.)

@@ -142,6 +142,8 @@ def mochi_mix(
 
 def _normalize(x, valid):
   """Unit rows; all-zero rows for queries without a valid hard negative."""
+  # Not numerics.l2_normalize + where: XLA rounds that form differently,
+  # which would change every MoCHi run's bits.
   inv = lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True),
                               _EPS * _EPS))
   return x * jnp.where(valid[:, None, None], inv, 0.0)

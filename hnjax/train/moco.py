@@ -20,12 +20,8 @@ function of the step. Re-running the same command resumes from the workdir.
 
 import dataclasses
 import functools
-import json
-import os
-import time
 from typing import Any
 
-from absl import logging
 import flax.struct
 import jax
 from jax import lax
@@ -33,22 +29,21 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import ml_collections as mlc
-import numpy as np
 import optax
 
-from hnjax import checkpoint
 from hnjax import data
 from hnjax import losses
 from hnjax import models
+from hnjax import numerics
 from hnjax import parallel
 from hnjax import queue as queue_lib
 from hnjax import samplers
-from hnjax.eval import knn as knn_lib
-from hnjax.eval import linear as linear_lib
-from hnjax.train import loop
+from hnjax.eval import evaluators
+from hnjax.eval import features as features_lib
+from hnjax.train import checks
 from hnjax.train import optim as optim_lib
-from hnjax.train import preemption
-from hnjax.train import writer as writer_lib
+from hnjax.train import runner
+from hnjax.train import state as state_lib
 
 METHODS = ('moco_v2', 'mochi')
 DATA = parallel.DATA
@@ -98,57 +93,46 @@ class StepConfig:
 
 
 def validate(config: mlc.ConfigDict, num_devices: int) -> None:
-  """Raises loop.ConfigError naming the first impossible field."""
-  loop.require(config.method in METHODS, 'method', config.method,
-               f'must be one of {METHODS}')
-  loop.positive(config, 'batch_size', 'temperature', 'queue.size',
-                'model.dim', 'model.bn_splits', 'log_every_steps',
-                'hist_every_steps', 'ckpt.every_steps', 'ckpt.max_to_keep',
-                'optim.learning_rate', 'optim.lr_base_batch',
-                'eval.batch_size', 'eval.knn_k', 'eval.knn_temperature')
-  if config.num_steps <= 0:
-    loop.positive(config, 'num_epochs')
-  loop.require(0 <= config.momentum < 1, 'momentum', config.momentum,
-               'must be in [0, 1)')
-  loop.require(config.data.name in data.DATASETS, 'data.name',
-               config.data.name, f'unknown dataset; known: {data.DATASETS}')
-  loop.require(config.model.backbone in models.backbone_names(),
-               'model.backbone', config.model.backbone,
-               f'unknown model; known: {models.backbone_names()}')
-  loop.require(config.optim.name in optim_lib.OPTIMIZERS, 'optim.name',
-               config.optim.name, f'must be one of {optim_lib.OPTIMIZERS}')
-  loop.require(config.optim.schedule in optim_lib.SCHEDULES,
-               'optim.schedule', config.optim.schedule,
-               f'must be one of {optim_lib.SCHEDULES}')
-  loop.require(config.eval.features in ('backbone', 'projection'),
-               'eval.features', config.eval.features,
-               "must be 'backbone' or 'projection'")
+  """Raises checks.ConfigError naming the first impossible MoCo field.
+
+  The fields every family shares are checked by `checks.common` first.
+  """
+  checks.one_of(config, 'method', METHODS)
+  checks.positive(config, 'temperature', 'queue.size', 'model.dim',
+                  'model.bn_splits', 'eval.knn_k', 'eval.knn_temperature')
+  checks.require(0 <= config.momentum < 1, 'momentum', config.momentum,
+                 'must be in [0, 1)')
+  checks.require(config.data.name in data.DATASETS, 'data.name',
+                 config.data.name, f'unknown dataset; known: {data.DATASETS}')
+  checks.one_of(config, 'eval.features', ('backbone', 'projection'))
+  for field in ('eval.during', 'eval.final'):
+    try:
+      evaluators.parse(checks.get(config, field))
+    except ValueError as e:
+      raise checks.ConfigError(f'{field}={checks.get(config, field)!r}: '
+                               f'{e}') from None
   g = config.batch_size
-  loop.require(g % num_devices == 0, 'batch_size', g,
-               f'must be divisible by the {num_devices} devices')
-  loop.require(g % jax.process_count() == 0, 'batch_size', g,
-               f'must be divisible by the {jax.process_count()} processes')
-  loop.require(g % config.model.bn_splits == 0, 'model.bn_splits',
-               config.model.bn_splits, f'must divide batch_size={g}')
+  checks.require(g % config.model.bn_splits == 0, 'model.bn_splits',
+                 config.model.bn_splits, f'must divide batch_size={g}')
   k = config.queue.size
-  loop.require(k >= g, 'queue.size', k,
-               f'must be at least the global batch size {g}')
-  loop.require(k % num_devices == 0, 'queue.size', k,
-               f'must be divisible by the {num_devices} devices')
-  loop.require(config.queue.block_size >= -1, 'queue.block_size',
-               config.queue.block_size, 'must be -1 (auto), 0 or positive')
+  checks.require(k >= g, 'queue.size', k,
+                 f'must be at least the global batch size {g}')
+  checks.require(k % num_devices == 0, 'queue.size', k,
+                 f'must be divisible by the {num_devices} devices')
+  checks.require(config.queue.block_size >= -1, 'queue.block_size',
+                 config.queue.block_size, 'must be -1 (auto), 0 or positive')
   if config.method == 'mochi':
-    loop.positive(config, 'mochi.num_hard')
-    loop.require(config.mochi.num_hard <= k, 'mochi.num_hard',
-                 config.mochi.num_hard, f'must be <= queue.size={k}')
+    checks.positive(config, 'mochi.num_hard')
+    checks.require(config.mochi.num_hard <= k, 'mochi.num_hard',
+                   config.mochi.num_hard, f'must be <= queue.size={k}')
     for f in ('num_mix', 'num_query_mix', 'warmup_epochs'):
-      loop.require(config.mochi[f] >= 0, f'mochi.{f}', config.mochi[f],
-                   'must be >= 0')
+      checks.require(config.mochi[f] >= 0, f'mochi.{f}', config.mochi[f],
+                     'must be >= 0')
   aug = config.augment
-  loop.require(0 < aug.scale_min <= 1, 'augment.scale_min', aug.scale_min,
-               'must be in (0, 1]')
-  for f in ('flip_prob', 'jitter_prob', 'grayscale_prob', 'blur_prob'):
-    loop.require(0 <= aug[f] <= 1, f'augment.{f}', aug[f], 'must be in [0, 1]')
+  checks.require(0 < aug.scale_min <= 1, 'augment.scale_min', aug.scale_min,
+                 'must be in (0, 1]')
+  checks.in_unit_interval(config, 'augment.flip_prob', 'augment.jitter_prob',
+                          'augment.grayscale_prob', 'augment.blur_prob')
 
 
 def _classes(config):
@@ -185,11 +169,6 @@ def _step_config(config, info) -> StepConfig:
 # ----------------------------------------------------------------------------
 # The step.
 # ----------------------------------------------------------------------------
-
-
-def _normalize(x):
-  x = x.astype(jnp.float32)
-  return x * lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))
 
 
 def _contrastive_body(q, k, queue_keys, queue_ids, ids, key, *, cfg,
@@ -229,7 +208,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   """One MoCo v2 (``use_mochi=False``) or MoCHi optimizer step.
 
   Args:
-    state: the `TrainState` (donated when jitted by `train_and_evaluate`).
+    state: the `TrainState` (donated when jitted by the runner).
     batch: global batch: ``image`` uint8 ``[G, H, W, C]``, ``index`` int
       ``[G]`` (dataset indices), sharded over ``'data'``.
     model: the flax encoder (query and key encoders share it).
@@ -239,8 +218,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
     mesh: the device mesh.
 
   Returns:
-    ``(new_state, metrics)``: scalar metrics and the per-query
-    ``hard_neg_sim [G]``.
+    ``(new_state, metrics)``: scalar metrics and the per-query similarity
+    of the hardest real negative, ``hard_neg_sim [G]``.
   """
   key = jax.random.fold_in(state.rng, state.step)
   k_aug, k_shuffle, k_mochi = jax.random.split(key, 3)
@@ -258,7 +237,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   k = out_k['projection']
   if cfg.shuffle_bn:
     k = models.unshuffle(k, perm)
-  k = lax.stop_gradient(_normalize(k))
+  k = lax.stop_gradient(numerics.l2_normalize(k))
 
   body = jax.shard_map(
       functools.partial(_contrastive_body, cfg=cfg, use_mochi=use_mochi),
@@ -269,7 +248,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
     out_q, new_vars = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, views_q,
         train=True, mutable=['batch_stats'])
-    q = _normalize(out_q['projection'])
+    q = numerics.l2_normalize(out_q['projection'])
     loss, metrics = body(q, k, state.queue.keys, state.queue.ids,
                          batch['index'], k_mochi)
     return jnp.mean(loss), (metrics, new_vars['batch_stats'])
@@ -288,8 +267,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
                                        batch['label'])
   metrics = {name: jnp.mean(v) for name, v in per_query.items()
              if name != 'hard_neg_sim'}
-  metrics.update(loss=loss, hard_neg_sim=jnp.mean(per_query['hard_neg_sim']),
-                 hard_neg_sims=per_query['hard_neg_sim'],
+  metrics.update(loss=loss, hard_neg_sim=per_query['hard_neg_sim'],
                  grad_norm=optax.tree.norm(grads))
   new_state = TrainState(
       step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -299,10 +277,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
 
 
 def create_state(config, model, tx, info, mesh) -> TrainState:
-  """A fresh `TrainState`, created directly with its global shardings."""
-  h, w, c = info.image_shape
+  """A fresh `TrainState`: replicated, except the queue rows (sharded)."""
+  c = info.image_shape[-1]
   size = config.data.image_size
-  rep = NamedSharding(mesh, P())
 
   def init():
     key = jax.random.key(config.seed)
@@ -316,17 +293,17 @@ def create_state(config, model, tx, info, mesh) -> TrainState:
         target_params=params, target_batch_stats=stats,
         opt_state=tx.init(params), queue=q, rng=k_run)
 
-  del h, w
-  shapes = jax.eval_shape(init)
-  shardings = jax.tree.map(lambda _: rep, shapes)
-  rows = NamedSharding(mesh, P(DATA))
-  shardings = shardings.replace(queue=queue_lib.MemoryQueue(
-      keys=rows, ids=rows, labels=rows, ptr=rep))
-  return jax.jit(init, out_shardings=shardings)()
+  def shardings(shapes):
+    rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA))
+    return jax.tree.map(lambda _: rep, shapes).replace(
+        queue=queue_lib.MemoryQueue(keys=rows, ids=rows, labels=rows,
+                                    ptr=rep))
+
+  return state_lib.create(init, mesh, shardings)
 
 
 # ----------------------------------------------------------------------------
-# Evaluation.
+# Evaluation: kNN monitor during training, kNN and linear probe at the end.
 # ----------------------------------------------------------------------------
 
 
@@ -345,72 +322,81 @@ def _make_encoder_fn(model, config, info):
   return encode
 
 
-def _features(encode, state, source, config, mesh):
-  it = data.eval_iterator(source, global_batch_size=config.eval.batch_size,
-                          fields=('image', 'label'))
-  fn = lambda batch: encode(state.params, state.batch_stats, batch)
-  return loop.extract_features(fn, it, mesh)
-
-
-def evaluate(state, encode, sources, config, info, mesh, *, probe=False):
-  """kNN top-1 (InstDisc protocol) and, optionally, the linear probe."""
-  train_x, train_y = _features(encode, state, sources['train'], config, mesh)
-  test_x, test_y = _features(encode, state, sources['eval'], config, mesh)
-  out = dict(knn_top1=knn_lib.knn_accuracy(
-      test_x, test_y, train_x, train_y, num_classes=info.num_classes,
-      k=config.eval.knn_k, temperature=config.eval.knn_temperature))
-  if probe:
-    res = linear_lib.linear_probe(
-        train_x, train_y, test_x, test_y, num_classes=info.num_classes,
-        epochs=config.eval.probe_epochs, seed=config.seed)
-    out['linear_top1'] = res['top1']
-  return out
+def evaluate(state, encode, sources, config, info, mesh, names):
+  """Runs the named evaluators on the encoder's features of ``sources``."""
+  names = evaluators.parse(names)
+  splits = features_lib.extract_splits(
+      lambda batch: encode(state.params, state.batch_stats, batch),
+      {s: sources[s] for s in evaluators.splits_needed(names)}, mesh=mesh,
+      batch_size=config.eval.batch_size)
+  options = dict(config.eval, num_classes=info.num_classes, seed=config.seed)
+  return evaluators.run(names, splits, options)
 
 
 # ----------------------------------------------------------------------------
-# train_and_evaluate.
+# The family: what the shared runner needs from MoCo v2 / MoCHi.
 # ----------------------------------------------------------------------------
 
 
-def _schedule_lengths(config, num_train):
-  steps_per_epoch = num_train // config.batch_size
-  if steps_per_epoch < 1:
-    raise loop.ConfigError(
-        f'batch_size={config.batch_size}: larger than the training set '
-        f'({num_train} examples)')
-  total = (config.num_steps if config.num_steps > 0 else
-           int(round(config.num_epochs * steps_per_epoch)))
-  return steps_per_epoch, total
-
-
-def _eval_steps(config, total):
-  every = config.eval.knn_every_steps
-  if every == 0:
-    return {total}
-  if every < 0:
-    every = max(total // 4, 1)
-  return set(range(every, total + 1, every)) | {total}
-
-
-def prepare(config: mlc.ConfigDict):
-  """Checks the config and opens the data; writes nothing.
-
-  Returns:
-    ``(mesh, info, sources)``.
-
-  Raises:
-    loop.ConfigError: an impossible config field.
-    FileNotFoundError / ValueError: a missing dataset (from hnjax.data).
-  """
-  mesh = parallel.make_mesh()
-  validate(config, mesh.size)
+def open_data(config: mlc.ConfigDict) -> runner.Data:
+  """Opens the train and test splits; a missing dataset raises here."""
   info = data.get_info(config.data.name, data_dir=config.data.data_dir or None,
                        load_size=config.data.load_size or None,
                        classes=_classes(config))
   sources = dict(train=_source(config, info.train_split),
-                 eval=_source(config, info.eval_split))
-  _schedule_lengths(config, len(sources['train']))
-  return mesh, info, sources
+                 test=_source(config, info.eval_split))
+  return runner.Data(train=sources['train'],
+                     fields=('image', 'label', 'index'),
+                     info=(info, sources))
+
+
+def build(setup: runner.Setup) -> runner.Pieces:
+  """Model, optimizer, state, steps and evaluation of one run."""
+  config, mesh = setup.config, setup.mesh
+  info, sources = setup.data.info
+  cfg = _step_config(config, info)
+  model = models.create_encoder(
+      config.model.backbone, head=config.model.head, dim=config.model.dim,
+      hidden=config.model.hidden or None, bn_splits=config.model.bn_splits,
+      dtype=jnp.dtype(config.model.dtype))
+  schedule = optim_lib.learning_rate_schedule(
+      config.optim, batch_size=config.batch_size,
+      steps_per_epoch=setup.steps_per_epoch, total_steps=setup.total_steps)
+  tx = optim_lib.make_optimizer(config.optim, schedule)
+  # Plain MoCo for the warm-up epochs, then MoCHi.
+  warmup = (int(config.mochi.warmup_epochs * setup.steps_per_epoch)
+            if config.method == 'mochi' else setup.total_steps)
+  encode = _make_encoder_fn(model, config, info)
+
+  def step(use_mochi):
+    return functools.partial(train_step, model=model, tx=tx, cfg=cfg,
+                             use_mochi=use_mochi, mesh=mesh)
+
+  def run_eval(state, final, plot_dir):
+    del plot_dir  # The runner's curves are all MoCo plots.
+    names = config.eval.final if final else config.eval.during
+    return evaluate(state, encode, sources, config, info, mesh, names)
+
+  return runner.Pieces(
+      init_state=lambda: create_state(config, model, tx, info, mesh),
+      step=step,
+      variant=lambda t: t > warmup,
+      evaluate=run_eval,
+      learning_rate=schedule,
+      fingerprint=lambda state: {'params': state.params, 'queue': state.queue},
+      scalars=lambda t: {'mochi': float(t > warmup)},
+      progress=('loss', 'proxy_acc'),
+      init_fields=('params', 'batch_stats', 'target_params',
+                   'target_batch_stats'))
+
+
+FAMILY = runner.Family(name='moco', validate=validate, open_data=open_data,
+                       build=build)
+
+
+def prepare(config: mlc.ConfigDict) -> runner.Setup:
+  """Checks the config and opens the data; writes nothing."""
+  return runner.prepare(FAMILY, config)
 
 
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -426,123 +412,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
       plots, config.json).
 
   Returns:
-    A summary dict: ``step``, ``knn_top1``, ``linear_top1`` (when probed),
-    ``state_fingerprint``, ``interrupted``, ``wall_s``.
+    A summary dict: ``step``, ``knn_top1``, ``linear_top1`` (with the
+    linear evaluator), ``state_fingerprint``, ``interrupted``, ``wall_s``.
   """
-  t0 = time.time()
-  workdir = os.path.abspath(workdir)  # Orbax needs absolute paths.
-  mesh, info, sources = prepare(config)
-  steps_per_epoch, total = _schedule_lengths(config, len(sources['train']))
-  is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  writer = writer_lib.MetricWriter(workdir, enabled=is_main)
-  writer.write_config(json.loads(config.to_json_best_effort()))
-
-  cfg = _step_config(config, info)
-  model = models.create_encoder(
-      config.model.backbone, head=config.model.head, dim=config.model.dim,
-      hidden=config.model.hidden or None, bn_splits=config.model.bn_splits,
-      dtype=jnp.dtype(config.model.dtype))
-  schedule = optim_lib.learning_rate_schedule(
-      config.optim, batch_size=config.batch_size,
-      steps_per_epoch=steps_per_epoch, total_steps=total)
-  tx = optim_lib.make_optimizer(config.optim, schedule)
-  state = create_state(config, model, tx, info, mesh)
-
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 max_to_keep=config.ckpt.max_to_keep)
-  restored = ckpt.restore(checkpoint.abstract_state(state))
-  start = 0
-  if restored is not None:
-    start, state, _ = restored
-    logging.info('resumed from step %d', start)
-  writer.truncate_after(start)
-  last_saved = start or None
-
-  warmup = (int(config.mochi.warmup_epochs * steps_per_epoch)
-            if config.method == 'mochi' else total)
-  steps = {}
-
-  def step_fn(use_mochi):
-    if use_mochi not in steps:
-      steps[use_mochi] = jax.jit(
-          functools.partial(train_step, model=model, tx=tx, cfg=cfg,
-                            use_mochi=use_mochi, mesh=mesh),
-          donate_argnums=0)
-    return steps[use_mochi]
-
-  encode = _make_encoder_fn(model, config, info)
-  eval_at = _eval_steps(config, total)
-  it = data.train_iterator(
-      sources['train'], global_batch_size=config.batch_size, seed=config.seed,
-      start_step=start, num_steps=total, fields=('image', 'label', 'index'),
-      num_workers=config.data.num_workers)
-
-  def save(step):
-    ckpt.save(step, state, {'data': {'next_index': step},
-                            'config': json.loads(config.to_json_best_effort())},
-              force=True)
-
-  interrupted, pending = False, None
-  bar = writer_lib.progress_bar(total, initial=start, enabled=is_main,
-                                desc=config.method)
-  try:
-    with preemption.PreemptionGuard(
-        sync_every=config.log_every_steps) as guard:
-      for step in range(start + 1, total + 1):
-        batch = parallel.global_batch(next(it), mesh)
-        state, metrics = step_fn(step > warmup)(state, batch)
-        # Check the previous step's loss while this one runs (no stall).
-        if pending is not None:
-          loop.check_finite(float(pending[1]), pending[0], last_saved)
-        pending = (step, metrics['loss'])
-        bar.update(1)
-        if step % config.log_every_steps == 0 or step == total:
-          scalars = {k: float(v) for k, v in metrics.items()
-                     if k != 'hard_neg_sims'}
-          loop.check_finite(scalars['loss'], step, last_saved)
-          scalars['learning_rate'] = float(schedule(step - 1))
-          scalars['mochi'] = float(step > warmup)
-          writer.write_scalars(step, scalars)
-          bar.set_postfix(loss=f'{scalars["loss"]:.3f}',
-                          proxy=f'{scalars["proxy_acc"]:.2f}')
-        if step % config.hist_every_steps == 0 or step == total:
-          writer.write_histogram(step, 'hard_neg_sim',
-                                 loop.to_host(metrics['hard_neg_sims']))
-        if step in eval_at and step != total:
-          writer.write_scalars(
-              step, evaluate(state, encode, sources, config, info, mesh))
-        stop = guard.should_stop(step)
-        if step % config.ckpt.every_steps == 0 or step == total or stop:
-          # Never save a state whose loss went non-finite.
-          loop.check_finite(float(metrics['loss']), step, last_saved)
-          save(step)
-          last_saved = step
-        if stop and step < total:
-          interrupted = True
-          break
-  finally:
-    # Also on errors: finish writing the last good checkpoint and the logs.
-    bar.close()
-    ckpt.wait()
-    writer.flush()
-
-  final_step = int(loop.to_host(state.step))
-  summary = dict(step=final_step, interrupted=interrupted)
-  if not interrupted:
-    results = evaluate(state, encode, sources, config, info, mesh,
-                       probe=config.eval.linear_probe)
-    writer.write_scalars(final_step, results)
-    summary.update(results)
-  summary['state_fingerprint'] = loop.fingerprint(
-      {'params': state.params, 'queue': state.queue})
-  summary['wall_s'] = round(time.time() - t0, 1)
-  writer.close()
-  ckpt.close()
-  if is_main and not interrupted:
-    try:
-      from hnjax.eval import plots  # pylint: disable=g-import-not-at-top
-      plots.plot_run(workdir)
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning('plotting failed: %s', e)
-  return summary
+  return runner.train_and_evaluate(FAMILY, config, workdir)

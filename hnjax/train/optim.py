@@ -30,10 +30,11 @@ def learning_rate_schedule(optim: Any, *, batch_size: int,
   if optim.schedule == 'cosine':
     decay = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
   elif optim.schedule == 'step':
-    # The MoCo v1 / SupReMix step schedule: x0.1 at 60% and 80% of the run.
+    # x0.1 at each fraction of the run in optim.decay_at: (0.6, 0.8) for
+    # MoCo v1, (0.8,) for SupReMix pretraining (epoch 80 of 100).
+    decay_at = optim.get('decay_at', (0.6, 0.8))
     decay = optax.piecewise_constant_schedule(
-        peak, {int(0.6 * (total_steps - warmup)): 0.1,
-               int(0.8 * (total_steps - warmup)): 0.1})
+        peak, {int(f * (total_steps - warmup)): 0.1 for f in decay_at})
   else:
     decay = optax.constant_schedule(peak)
   if not warmup:

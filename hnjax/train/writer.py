@@ -28,9 +28,12 @@ import numpy as np
 import tensorboardX
 import tqdm
 
-METRICS_FILE = 'metrics.jsonl'
-HISTOGRAMS_FILE = 'histograms.jsonl'
-CONFIG_FILE = 'config.json'
+from hnjax import runlog
+# Re-exported: the file names and the reader live below train/ and eval/.
+from hnjax.runlog import CONFIG_FILE
+from hnjax.runlog import HISTOGRAMS_FILE
+from hnjax.runlog import METRICS_FILE
+from hnjax.runlog import read_jsonl
 
 
 def _to_python(value: Any) -> int | float:
@@ -205,7 +208,8 @@ class MetricWriter:
         kept = [
             line
             for line in f
-            if (r := _parse(line)) is not None and r['step'] <= keep_upto
+            if (r := runlog.parse_line(line)) is not None
+            and r['step'] <= keep_upto
         ]
       with open(path + '.tmp', 'w') as f:
         f.writelines(kept)
@@ -247,29 +251,6 @@ def _bin_edges(
   if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
     raise ValueError(f'bins must be increasing edges, got {bins}')
   return edges
-
-
-def _parse(line: str) -> dict[str, Any] | None:
-  try:
-    record = json.loads(line)
-  except json.JSONDecodeError:
-    return None
-  return record if isinstance(record, dict) and 'step' in record else None
-
-
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-  """Reads a ``metrics.jsonl``/``histograms.jsonl`` file, skipping torn lines.
-
-  Args:
-    path: file path; a missing file gives ``[]``.
-
-  Returns:
-    The records in file order.
-  """
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [r for line in f if (r := _parse(line)) is not None]
 
 
 def progress_bar(

@@ -1,0 +1,115 @@
+"""What every launcher shares: flags, one-line errors, the summary line.
+
+A launcher names its family and default config and calls `run`::
+
+  if __name__ == '__main__':
+    common.run('supremix', 'configs/supremix.py')
+
+Flags: ``--config=configs/x.py:preset,...`` (default: the family's),
+``--config.<field>=value`` overrides (the config is locked, so a typo is an
+error), ``--workdir`` (default ``runs/<method>``), ``--distributed`` (or
+``HNJAX_DISTRIBUTED=1``) on every host of a multi-host job. A bad flag,
+config field or value, or missing data prints one line ``hnjax: error: ...``
+and exits with status 2 before anything is written; a non-finite loss exits
+with status 3.
+"""
+
+import importlib
+import os
+import re
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file, with presets after a colon '
+    '(default: the launcher\'s).', lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Run directory (default: runs/<method>).')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', None, 'Call jax.distributed.initialize (multi-host); '
+    'default: only if HNJAX_DISTRIBUTED=1.')
+
+
+def _error(message: str) -> None:
+  print(f'hnjax: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _main(argv, family: str) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO.
+  # Before any other JAX call (multi-host rule).
+  from hnjax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.initialize(enabled=_DISTRIBUTED.value)
+  import jax  # pylint: disable=g-import-not-at-top
+  trainer = importlib.import_module(f'hnjax.train.{family}')
+  jax.config.parse_flags_with_absl()
+
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or os.path.join('runs', config.method)
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # tfds warns about missing files
+  try:  # Bad config or missing data: one line, exit 2, nothing written.
+    trainer.prepare(config)
+  except (ValueError, FileNotFoundError) as e:
+    _error(' '.join(str(e).split()))
+  logging.set_verbosity(verbosity)
+  if jax.process_index() == 0:
+    print(f'hnjax: {config.method} on {config.data.name}, '
+          f'{jax.process_count()} process(es), {jax.device_count()} '
+          f'device(s); workdir {workdir}', flush=True)
+  try:
+    summary = trainer.train_and_evaluate(config, workdir)
+  except FloatingPointError as e:
+    print(f'hnjax: stopped: {e}', file=sys.stderr)
+    sys.exit(3)
+  if jax.process_index() == 0:
+    if summary['interrupted']:
+      print(f'hnjax: interrupted at step {summary["step"]}; checkpoint saved. '
+            'Run the same command to resume.')
+    print(' '.join(f'{k}={_format(v)}' for k, v in summary.items()),
+          flush=True)
+
+
+def _format(value):
+  # Four significant digits for long floats; metrics.jsonl keeps them all.
+  if isinstance(value, float) and len(repr(value)) > 7:
+    return f'{value:.4g}'
+  return value
+
+
+def _parse_flags(argv, default_config: str):
+  """Flag parsing that reports a bad flag or config field in one line."""
+  if not any(a == '--config' or a.startswith('--config=') for a in argv):
+    argv = [argv[0], f'--config={os.path.join(ROOT, default_config)}',
+            *argv[1:]]
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    msg = ' '.join(str(e).replace('\\n', ' ').split())
+    typo = re.search(r'Did you mean "(.+?)" instead of "(.+?)"', msg)
+    error = re.findall(r'(\w+Error: .*?)(?= File "|$)', msg)
+    if typo:
+      msg = f'unknown config field {typo[2]!r}; did you mean {typo[1]!r}?'
+    elif 'Traceback' in msg and error:  # raised inside the config file
+      msg = f'{msg.split(": ")[0]}: {error[-1].strip()}'
+    _error(msg)
+
+
+def run(family: str, default_config: str) -> None:
+  """Parses the flags and trains ``hnjax.train.<family>``.
+
+  Args:
+    family: module name under ``hnjax.train`` (``'moco'``, ``'supremix'``).
+    default_config: config file used without ``--config``, relative to the
+      repository root.
+  """
+  app.run(lambda argv: _main(argv, family),
+          flags_parser=lambda argv: _parse_flags(argv, default_config))
