@@ -75,6 +75,62 @@ def np_supremix(z, y, t, window, alpha, weighting, mix_neg, mix_pos,
   return out
 
 
+def np_supremix_authors(z, y, alpha, t, window, weighting, mix_neg, mix_pos):
+  """What the authors' AgeDB-DIR code computes, one anchor at a time.
+
+  Written from the walk-through of their mixing_func, compress_mixtures
+  and SupConLoss_v2 (ALGORITHMS.md §4.6); ties in their unstable sort of
+  the slot mask are taken in slot order (a stable sort).
+  """
+  z, y = np.asarray(z, np.float64), np.asarray(y, np.float64)
+  n = len(y)
+
+  def w(d, mixture):
+    if weighting == 'l1_inv':
+      return abs(d) + 1
+    if weighting == 'l2_inv':
+      return (d + 1) ** 2 + 1 if mixture else d * d + 1
+    return 1.0
+
+  def slots(i):  # kept mixture columns in order: negatives, then positives
+    out = []  # (vector, label, is_positive, (j, k))
+    for k in range(n):
+      if k != i and y[k] != y[i]:
+        a = alpha[i, k]
+        out.append((a * z[i] + (1 - a) * z[k] if mix_neg else np.zeros_like(
+            z[i]), a * y[i] + (1 - a) * y[k] if mix_neg else 0.0, False,
+                    (i, k)))
+    for j in range(n):
+      for k in range(n):
+        if y[j] < y[i] < y[k] and y[i] - y[j] < window and (
+            y[k] - y[i] < window):
+          a = (y[k] - y[i]) / (y[k] - y[j])
+          out.append((a * z[j] + (1 - a) * z[k] if mix_pos else np.zeros_like(
+              z[i]), y[i] if mix_pos else 0.0, True, (j, k)))
+    return out
+
+  all_slots = [slots(i) for i in range(n)]
+  m_cols = max(len(sl) for sl in all_slots)
+  out = np.zeros(n)
+  for i, sl in enumerate(all_slots):
+    grid = np.zeros((n, n))  # labels of the N² slots; 0 where unfilled
+    for _, lab, _, jk in sl:
+      grid[jk] = lab
+    ranked = np.sort(grid.ravel())[n * n - len(sl):]  # by value, apart
+    mix = np.array([v @ z[i] / t for v, _, _, _ in sl])
+    top = max(mix.max(), -z[i].sum() / t if len(sl) < m_cols else -np.inf)
+    real = z @ z[i] / t
+    real_top = real.max()  # self included
+    den = sum(np.exp(real[a] - real_top) * w(y[i] - y[a], False)
+              for a in range(n) if a != i)
+    den += sum(np.exp(m - top) * w(y[i] - lab, True)
+               for m, lab in zip(mix, ranked))
+    pos = [real[a] - real_top for a in range(n) if a != i and y[a] == y[i]]
+    pos += [m - top for m, (_, _, p, _) in zip(mix, sl) if p]
+    out[i] = -np.mean(np.array(pos) - np.log(den))
+  return out
+
+
 def np_rnc(z, y, t):
   z, y = np.asarray(z, np.float64), np.asarray(y, np.float64)
   n = z.shape[0]
@@ -203,16 +259,91 @@ class SupReMixTest(parameterized.TestCase):
                               True).sum(), self.z)
     self.assertGreater(np.max(np.abs(full - ref)), 1e-2)
 
+  @parameterized.product(weighting=('l1_inv', 'l2_inv', 'none'),
+                         mix=((True, True), (True, False), (False, True)))
+  def test_authors_variant_matches_their_code_path(self, weighting, mix):
+    # Their batches always hold two views per sample (targets repeated).
+    rng = np.random.default_rng(9)
+    z = testing.unit(rng, 14, 5)
+    y = np.tile(np.array([20., 22., 25., 21., 27., 30., 23.], np.float32), 2)
+    alpha = np.asarray(samplers.anchor_inclusive_mixtures(self.key, y)[0])
+    out = losses.supremix(self.key, z, y, temperature=0.5, window=5.0,
+                          distance_weighting=weighting, mix_negatives=mix[0],
+                          mix_positives=mix[1], variant='authors')
+    ref = np_supremix_authors(z, y, alpha, 0.5, 5.0, weighting, *mix)
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6)
+
+  def test_authors_reference_against_their_torch_run(self):
+    # Their PyTorch functions (agedb-dir, torch 2.13 CPU, sort stable=True)
+    # on these inputs gave these losses (mean over the 2B anchors).
+    rng = np.random.default_rng(0)
+    yb = rng.integers(20, 30, 6).astype(np.float64)
+    z = rng.normal(size=(12, 8))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    alpha = rng.beta(2, 8, (12, 12))
+    y = np.concatenate([yb, yb])
+    for mix, torch_value in (((True, True), 5.015722242013150),
+                             ((True, False), 6.144259091996712),
+                             ((False, True), 6.262287649577016)):
+      ref = np_supremix_authors(z, y, alpha, 0.5, 5, 'l1_inv', *mix)
+      # (Their mixture labels pass through float32: 4e-9 here.)
+      self.assertAlmostEqual(ref.mean(), torch_value, places=7)
+
+  def test_authors_variant_differs_from_clean(self):
+    clean = losses.supremix(self.key, self.z, self.y)
+    authors = losses.supremix(self.key, self.z, self.y, variant='authors')
+    self.assertGreater(float(jnp.max(jnp.abs(clean - authors))), 0.1)
+    g = jax.grad(lambda z: losses.supremix(
+        self.key, z, self.y, variant='authors').sum())(self.z)
+    self.assertTrue(testing.all_finite(g))
+
+  @parameterized.parameters((1.5, None), (1.5, 2), (40.0, None), (3.0, 1))
+  def test_banded_positives_equal_all_pairs(self, window, max_partners):
+    # The band (chosen at run time) and the fallback to all pairs give the
+    # values and gradients of scoring every pair.
+    rng = np.random.default_rng(8)
+    y = np.tile(rng.uniform(0, 10, 24).astype(np.float32), 2)
+    z = testing.unit(rng, 48, 6)
+    f = lambda mp: jax.jit(jax.value_and_grad(lambda z: losses.supremix(
+        self.key, z, y, window=window, max_partners=mp).sum()))(z)
+    (v, g), (v_ref, g_ref) = f(max_partners), f(0)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-6)
+    np.testing.assert_allclose(g, g_ref, atol=1e-6)
+    ref = np_supremix(z, y, 0.5, window, np.asarray(
+        samplers.anchor_inclusive_mixtures(self.key, y)[0]), 'l1_inv', True,
+                      True)
+    np.testing.assert_allclose(v, ref.sum(), rtol=1e-5)
+
   def test_jit_equals_eager(self):
     f = lambda z: losses.supremix(self.key, z, self.y)
     np.testing.assert_allclose(jax.jit(f)(self.z), f(self.z), rtol=1e-5)
 
-  def test_beta_draws(self):
+  @parameterized.parameters((2.0, 8.0), (8.0, 2.0), (5.0, 5.0), (0.5, 2.5))
+  def test_beta_draws(self, a, b):
+    # Integer parameters use order statistics, others jax.random.beta; both
+    # must have Beta(a, b)'s mean, variance and CDF.
     alpha, _ = samplers.anchor_inclusive_mixtures(
-        jax.random.key(0), np.arange(200.0))
-    # Beta(2, 8): mean 0.2, variance 16 / 1100.
-    self.assertAlmostEqual(float(alpha.mean()), 0.2, delta=0.005)
-    self.assertAlmostEqual(float(alpha.var()), 16 / 1100, delta=0.001)
+        jax.random.key(0), np.arange(300.0), beta=(a, b))
+    x = np.asarray(alpha).ravel()
+    mean, var = a / (a + b), a * b / ((a + b) ** 2 * (a + b + 1))
+    self.assertAlmostEqual(x.mean(), mean, delta=0.004)
+    self.assertAlmostEqual(x.var(), var, delta=0.1 * var)
+    ref = np.sort(np.random.default_rng(0).beta(a, b, x.size))
+    # Kolmogorov-Smirnov distance to a NumPy sample of the same size.
+    grid = np.linspace(0, 1, 201)
+    ks = np.max(np.abs(np.searchsorted(np.sort(x), grid) -
+                       np.searchsorted(ref, grid))) / x.size
+    self.assertLess(ks, 0.01)
+
+  def test_rows_use_their_own_randomness(self):
+    # Anchor i's draws depend on (key, i) only: any subset of anchors (a
+    # device's rows) gets the same numbers.
+    y = np.arange(10.0)
+    full, _ = samplers.anchor_inclusive_mixtures(self.key, y)
+    part, valid = samplers.anchor_inclusive_mixtures(self.key, y,
+                                                     anchors=[3, 7])
+    np.testing.assert_array_equal(part, np.asarray(full)[[3, 7]])
+    self.assertEqual(valid.shape, (2, 10))
 
   def test_anchor_without_positives(self):
     out = losses.supremix(self.key, self.z, self.y)
@@ -240,6 +371,8 @@ class SupReMixTest(parameterized.TestCase):
       ('weighting', dict(distance_weighting='L1'),
        "distance_weighting must be one of .* got 'L1'"),
       ('beta', dict(beta=(2.0, 0.0)), r'beta\[1\] must be > 0'),
+      ('variant', dict(variant='paper'), "variant must be one of .* 'paper'"),
+      ('max_partners', dict(max_partners=-1), 'max_partners must be an int'),
   )
   def test_bad_input(self, kwargs, message):
     with self.assertRaisesRegex(ValueError, message):

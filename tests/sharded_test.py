@@ -135,6 +135,35 @@ class ShardedLossTest(parameterized.TestCase):
     self.assert_same(fn, n, (self.q, self.k, self.bank, self.mask),
                      (ROWS, ROWS, ROWS, COLS))
 
+  def _regression_batch(self):
+    rng = np.random.default_rng(34)
+    y = np.tile(rng.integers(20, 30, 8).astype(np.float32), 2)  # 2 views
+    return testing.unit(rng, 16, 8), y
+
+  @parameterized.parameters(8)
+  def test_sup_con(self, n):
+    z, y = self._regression_batch()
+    fn = lambda z, y, ax: losses.sup_con(z, y, temperature=0.2, axis_name=ax)
+    self.assert_same(fn, n, (z, y), (ROWS, ROWS))
+
+  @parameterized.parameters((None, 'clean'), (0, 'clean'), (None, 'authors'))
+  def test_supremix(self, max_partners, variant, n=8):
+    # Beta draws come from fold_in(key, global row): equal, not only in
+    # distribution. None: the banded path; 0: all pairs.
+    z, y = self._regression_batch()
+    key = jax.random.key(7)
+    fn = lambda z, y, ax: losses.supremix(
+        key, z, y, temperature=0.5, window=4.0, variant=variant,
+        max_partners=max_partners, axis_name=ax)
+    self.assert_same(fn, n, (z, y), (ROWS, ROWS))
+
+  @parameterized.parameters(8)
+  def test_rank_n_contrast(self, n):
+    z, y = self._regression_batch()
+    fn = lambda z, y, ax: losses.rank_n_contrast(z * 3.0, y, temperature=2.0,
+                                                 axis_name=ax)
+    self.assert_same(fn, n, (z, y), (ROWS, ROWS))
+
   def test_per_device_memory_layout(self):
     # Each device holds its [K / n, D] shard, never the whole bank.
     mesh = parallel.make_mesh(8)

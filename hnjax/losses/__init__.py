@@ -11,9 +11,11 @@ from hnjax.losses._in_batch import symmetric_info_nce
 from hnjax.losses._queue import hard_contrastive
 from hnjax.losses._queue import info_nce
 from hnjax.losses._queue import mochi_info_nce
+from hnjax.losses._supervised import DISTANCE_WEIGHTINGS
 from hnjax.losses._supervised import rank_n_contrast
 from hnjax.losses._supervised import sup_con
 from hnjax.losses._supervised import supremix
+from hnjax.losses._supervised import SUPREMIX_VARIANTS
 
 __all__ = [
     'hard_contrastive',
