@@ -1,4 +1,4 @@
-"""Tests for hnjax.models.resnet and hnjax.models.convnet."""
+"""Tests for hnjax.models.resnet, hnjax.models.convnet and hnjax.models.mlp."""
 
 import functools
 
@@ -304,6 +304,28 @@ class ConvNetTest(parameterized.TestCase):
       jax.eval_shape(
           functools.partial(model.init, train=False), jax.random.key(0), x
       )
+
+
+class MLPTest(absltest.TestCase):
+
+  def test_matches_numpy(self):
+    model = models.get_model('mlp', widths=(6, 4))
+    x = np.random.default_rng(3).normal(size=(10, 5)).astype(np.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+    out, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    p = variables['params']
+    h = x
+    for i in range(2):
+      h = h @ np.asarray(p[f'Dense_{i}']['kernel'])
+      h = np.maximum(_np_bn(h, p[f'SplitBatchNorm_{i}']), 0)
+    np.testing.assert_allclose(out, h, atol=1e-5)
+    self.assertEqual(model.num_features, 4)
+    enc = models.create_encoder('mlp', head='mlp_bn', dim=3)
+    out = enc.apply(enc.init(jax.random.key(0), x, train=False), x,
+                    train=False)
+    self.assertEqual(out['projection'].shape, (10, 3))
+    with self.assertRaisesRegex(ValueError, r'MLP expects \[B, F\]'):
+      model.init(jax.random.key(0), x[:, :, None], train=False)
 
 
 if __name__ == '__main__':

@@ -8,7 +8,9 @@
   multi-host grain pipelines of raw uint8 batches; see ``pipeline``.
 * ``AugmentConfig``, ``example_keys``, ``augment_batch``, ``two_views``,
   ``eval_transform``: MoCo v2 augmentation in JAX with one key per example;
-  see ``augment``.
+  see ``augment``; ``tabular_views`` / ``standardize`` for tabular inputs.
+* ``open_regression``: datasets with a continuous target (SupReMix); see
+  ``regression``.
 """
 
 from hnjax.data.augment import augment_batch
@@ -17,6 +19,8 @@ from hnjax.data.augment import AugmentConfig
 from hnjax.data.augment import eval_transform
 from hnjax.data.augment import example_keys
 from hnjax.data.augment import normalize
+from hnjax.data.augment import standardize
+from hnjax.data.augment import tabular_views
 from hnjax.data.augment import two_views
 from hnjax.data.builders import default_data_dir
 from hnjax.data.builders import prepare
@@ -26,6 +30,8 @@ from hnjax.data.pipeline import steps_per_epoch
 from hnjax.data.pipeline import train_dataset
 from hnjax.data.pipeline import train_iterator
 from hnjax.data.pipeline import train_rows
+from hnjax.data.regression import open_regression
+from hnjax.data.regression import RegressionData
 from hnjax.data.sources import DATASETS
 from hnjax.data.sources import DatasetInfo
 from hnjax.data.sources import get_info

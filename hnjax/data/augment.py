@@ -478,3 +478,42 @@ def eval_transform(images, *, out_size, mean, std, crop_fraction=1.0):
       )
   )(images)
   return normalize(jnp.clip(out, 0.0, 1.0), mean, std)
+
+
+def tabular_views(keys, features, *, mean, std, noise=0.1, dropout=0.1):
+  """Two views of tabular examples: Gaussian noise and feature dropout.
+
+  Features are standardised with ``mean`` and ``std``; each view adds
+  ``N(0, noise²)`` to every standardised feature and then sets each feature
+  to 0 (its mean) with probability ``dropout``, from the example's key.
+
+  Args:
+    keys: typed PRNG keys ``[b]``; view 0 uses ``fold_in(key, 0)``, view 1
+      ``fold_in(key, 1)``.
+    features: float ``[b, F]`` raw features.
+    mean: ``[F]`` training means.
+    std: ``[F]`` training standard deviations.
+    noise: standard deviation of the noise (standardised units).
+    dropout: probability of dropping each feature.
+
+  Returns:
+    ``(view_0, view_1)``, each float32 ``[b, F]``.
+  """
+  x = (jnp.asarray(features, jnp.float32) - jnp.asarray(mean, jnp.float32)) / (
+      jnp.asarray(std, jnp.float32))
+
+  def view(key, row):
+    k_noise, k_drop = jax.random.split(key)
+    row = row + noise * jax.random.normal(k_noise, row.shape)
+    return jnp.where(jax.random.uniform(k_drop, row.shape) < dropout, 0.0,
+                     row)
+
+  return tuple(
+      jax.vmap(lambda k, r, v=v: view(jax.random.fold_in(k, v), r))(keys, x)
+      for v in (0, 1))
+
+
+def standardize(features, *, mean, std):
+  """Evaluation view of tabular examples: ``(x - mean) / std``, float32."""
+  return (jnp.asarray(features, jnp.float32) - jnp.asarray(mean, jnp.float32)
+          ) / jnp.asarray(std, jnp.float32)

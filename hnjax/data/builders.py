@@ -1,6 +1,6 @@
 """Local tfds builders of the embedded datasets, prepared on first use.
 
-The builders (``shapes32``, ``digits``) generate their examples locally, use
+The builders (``shapes32``, ``digits``, ``diabetes``) generate their examples locally, use
 numpy-only features (``tfds.features.Tensor``, ``Scalar``, ``ClassLabel``,
 ``Text``) and are written as ArrayRecord, so preparing them needs neither a
 download nor TensorFlow and ``as_data_source`` gives random access.
@@ -19,6 +19,7 @@ import os
 
 import tensorflow_datasets as tfds
 
+from hnjax.data import diabetes
 from hnjax.data import digits
 from hnjax.data import shapes
 
@@ -30,6 +31,7 @@ EMBEDDED = {
     'shapes32': (shapes.Shapes32, 'default'),
     'shapes32/small': (shapes.Shapes32, 'small'),
     'digits': (digits.Digits, None),
+    'diabetes': (diabetes.Diabetes, None),
 }
 
 
@@ -68,7 +70,7 @@ def prepare(name, *, data_dir=None):
 
   Args:
     name: one of ``EMBEDDED`` (``'shapes32'``, ``'shapes32/small'``,
-      ``'digits'``).
+      ``'digits'``, ``'diabetes'``).
     data_dir: tfds data dir; defaults to ``default_data_dir()``.
 
   Returns:

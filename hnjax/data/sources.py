@@ -206,7 +206,8 @@ class Source:
       out[k] = v if isinstance(v, str) else np.asarray(v)
     if self._load_size is not None:
       out['image'] = imagenet.decode_and_resize(ex['image'], self._load_size)
-    out['label'] = np.asarray(out['label'], np.int64)
+    if 'label' in out:
+      out['label'] = np.asarray(out['label'], np.int64)
     if self._label_map is not None:
       out['label'] = self._label_map[out['label']]
     out['index'] = np.int64(position)
@@ -278,7 +279,8 @@ def _check_name(name):
   return _SPECS[name]
 
 
-def _real_data_dir(data_dir):
+def real_data_dir(data_dir):
+  """The tfds data dir of real (not embedded) datasets."""
   return os.path.expanduser(
       data_dir
       or os.environ.get(builders.DATA_DIR_ENV)
@@ -316,10 +318,10 @@ def _missing_error(name, tfds_name, split, data_dir, cause):
   )
 
 
-def _tfds_source(name, spec, split, data_dir, decoders=None):
+def _tfds_source(name, tfds_name, split, data_dir, decoders=None):
   try:
     return tfds.data_source(
-        spec.tfds_name,
+        tfds_name,
         split=split,
         data_dir=data_dir,
         download=False,
@@ -329,8 +331,26 @@ def _tfds_source(name, spec, split, data_dir, decoders=None):
     # tfds reports a missing dataset as an unsupported TFRECORD format;
     # say what is missing instead.
     raise _missing_error(
-        name, spec.tfds_name, split, data_dir, f'{type(e).__name__}: {e}'
+        name, tfds_name, split, data_dir, f'{type(e).__name__}: {e}'
     ) from e
+
+
+def open_tfds(tfds_name, split, *, data_dir=None, cache=True):
+  """A `Source` of any tfds dataset prepared as ArrayRecord in ``data_dir``.
+
+  Args:
+    tfds_name: registered tfds name, e.g. ``'shapes3d'``.
+    split: a tfds split or slice, e.g. ``'train[:80%]'``.
+    data_dir: tfds data dir (default as `real_data_dir`).
+    cache: keep converted examples in memory.
+
+  Returns:
+    A `Source`; a missing dataset raises one FileNotFoundError that names
+    the data dir and how to prepare it.
+  """
+  data_dir = real_data_dir(data_dir)
+  return Source(_tfds_source(tfds_name, tfds_name, split, data_dir),
+                cache=cache)
 
 
 def get_source(
@@ -372,13 +392,13 @@ def get_source(
         split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
     )
     return Source(raw, parse=parse, cache=cache)
-  data_dir = _real_data_dir(data_dir)
+  data_dir = real_data_dir(data_dir)
   if spec.image_shape is not None:
-    base = _tfds_source(name, spec, split, data_dir)
+    base = _tfds_source(name, spec.tfds_name, split, data_dir)
     return Source(base, cache=cache)
   # ImageNet: tfds decodes the JPEGs (with PIL or OpenCV, no TensorFlow);
   # we resize them to a fixed square (see `imagenet`).
-  base = _tfds_source(name, spec, split, data_dir)
+  base = _tfds_source(name, spec.tfds_name, split, data_dir)
   load_size = load_size or DEFAULT_LOAD_SIZE
   if name == 'imagenet2012':
     return Source(base, load_size=load_size, cache=cache)
@@ -394,7 +414,7 @@ def get_source(
   # real fake files instead.)
   undecoded = _tfds_source(
       name,
-      spec,
+      spec.tfds_name,
       split,
       data_dir,
       decoders={'image': tfds.decode.SkipDecoding()},

@@ -9,6 +9,7 @@ from hnjax.models.heads import get_head
 from hnjax.models.heads import IdentityHead
 from hnjax.models.heads import LinearHead
 from hnjax.models.heads import MLPHead
+from hnjax.models.mlp import MLP
 from hnjax.models.norm import shuffle
 from hnjax.models.norm import SplitBatchNorm
 from hnjax.models.norm import unshuffle
@@ -29,6 +30,7 @@ __all__ = [
     'Encoder',
     'IdentityHead',
     'LinearHead',
+    'MLP',
     'MLPHead',
     'ResNet',
     'ResNet18',

@@ -22,10 +22,12 @@ import jax.numpy as jnp
 
 from hnjax.models import convnet
 from hnjax.models import heads
+from hnjax.models import mlp
 from hnjax.models import resnet
 
 _BACKBONES: dict[str, Callable[..., nn.Module]] = {
     'convnet': convnet.ConvNet,
+    'mlp': mlp.MLP,
     'resnet18': resnet.ResNet18,
     'resnet34': resnet.ResNet34,
     'resnet50': resnet.ResNet50,

@@ -1,0 +1,153 @@
+r"""SupReMix's loss: hnjax vs SupCon vs the authors' PyTorch code path.
+
+  python benchmarks/supremix.py                      # 2B = 256, 512, 1024, 4096
+  python benchmarks/supremix.py --N 256 --iters 5 --no-torch
+
+Times forward + backward with respect to the embeddings of
+
+* hnjax ``losses.supremix`` (clean form, both mixture kinds, distance
+  weights), its default path (hard positives scored in a band of the
+  target order chosen at run time) and with every pair scored
+  (``max_partners=0``, the O(N³) path);
+* hnjax ``losses.sup_con`` at the same N (the cost SupReMix adds to);
+* a PyTorch eager peer following the authors' AgeDB-DIR code
+  (benchmarks/peers/torch_supremix.py: the mixtures materialised as their
+  ``mixing_func``'s ``[N, N, N, D]`` tensor), run in its own venv
+  ($HNJAX_TORCH_PYTHON, default /work/torchvenv/bin/python; see
+  benchmarks/peers/README.md), and its SupCon.
+
+Batches: D = 128 unit vectors, ages ``randint(0, 100)`` repeated for the
+two views, T = 0.5, window 5, Beta(2, 8), as the authors' AgeDB recipe.
+Peak memory: XLA's temporary buffers of the compiled step (arguments
+excluded); for the peer, the process's peak resident memory increase.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hnjax import losses
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH_PY = os.environ.get('HNJAX_TORCH_PYTHON', '/work/torchvenv/bin/python')
+
+
+def _time(fn, *args, iters):
+  """Median wall time in ms, after one warm-up (compile) call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(times))
+
+
+def _temp_mb(fn, *args):
+  stats = fn.lower(*args).compile().memory_analysis()
+  return None if stats is None else stats.temp_size_in_bytes / 2**20
+
+
+def batch(n, d, seed=0):
+  rng = np.random.default_rng(seed)
+  z = rng.normal(size=(n, d))
+  z /= np.linalg.norm(z, axis=1, keepdims=True)
+  y = np.tile(rng.integers(0, 100, n // 2), 2).astype(np.float32)
+  return jnp.asarray(z, jnp.float32), jnp.asarray(y)
+
+
+def fns(args):
+  key = jax.random.key(0)
+  grad = lambda f: jax.jit(jax.value_and_grad(lambda z, y: f(z, y).mean()))
+  return {
+      'supremix': grad(lambda z, y: losses.supremix(
+          key, z, y, temperature=args.T, window=args.window)),
+      'supremix_all_pairs': grad(lambda z, y: losses.supremix(
+          key, z, y, temperature=args.T, window=args.window,
+          max_partners=0)),
+      'supcon': grad(lambda z, y: losses.sup_con(z, y,
+                                                 temperature=args.T)),
+  }
+
+
+def _torch_peer(args, n):
+  if args.no_torch or not os.path.exists(_TORCH_PY):
+    return None
+  code = (
+      'import json, sys; sys.path.insert(0, %r); '
+      'from benchmarks.peers import torch_supremix as t; '
+      'print(json.dumps({"supremix": t.time_supremix(%d, %d, %d), '
+      '"supcon": t.time_supcon(%d, %d, %d)}))' % (
+          _ROOT, n, args.D, args.iters, n, args.D, args.iters))
+  out = subprocess.run([_TORCH_PY, '-c', code], capture_output=True,
+                       text=True, check=False, timeout=3600)
+  if out.returncode:
+    print(f'torch peer failed: {out.stderr[-500:]}', file=sys.stderr)
+    return None
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--N', type=int, nargs='+', default=[256, 512, 1024, 4096],
+                 help='views per batch (2B)')
+  p.add_argument('--D', type=int, default=128)
+  p.add_argument('--T', type=float, default=0.5)
+  p.add_argument('--window', type=float, default=5.0)
+  p.add_argument('--iters', type=int, default=3)
+  p.add_argument('--all-pairs-max', type=int, default=1024,
+                 help='largest N for the O(N³) all-pairs path')
+  p.add_argument('--no-torch', action='store_true')
+  args = p.parse_args()
+  print(f'jax {jax.__version__}, {jax.devices()[0].platform}, '
+        f'{os.cpu_count()} CPUs; D={args.D} T={args.T} window={args.window}')
+  f = fns(args)
+  rows = []
+  for n in args.N:
+    z, y = batch(n, args.D)
+    row = dict(N=n)
+    for name, fn in f.items():
+      if name == 'supremix_all_pairs' and n > args.all_pairs_max:
+        continue
+      row[f'{name}_ms'] = _time(fn, z, y, iters=args.iters)
+      row[f'{name}_mb'] = _temp_mb(fn, z, y)
+    peer = _torch_peer(args, n)
+    if peer:
+      row['torch_supremix'] = peer['supremix']
+      row['torch_supcon_ms'] = peer['supcon'].get('median_ms')
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+  def cell(x):
+    if x is None:
+      return '-'
+    return f'{x:.0f}' if x >= 10 else f'{x:.2f}'
+
+  print('\n| 2B | SupReMix ms | SupReMix MB | all pairs ms | all pairs MB | '
+        'SupCon ms | SupReMix / SupCon | torch SupReMix ms | torch peak MB '
+        '| torch / hnjax | torch SupCon ms |')
+  print('|' + '---|' * 11)
+  for r in rows:
+    t = r.get('torch_supremix') or {}
+    torch_ms = t.get('median_ms')
+    cells = [
+        str(r['N']), cell(r['supremix_ms']), cell(r['supremix_mb']),
+        cell(r.get('supremix_all_pairs_ms')),
+        cell(r.get('supremix_all_pairs_mb')), cell(r['supcon_ms']),
+        cell(r['supremix_ms'] / r['supcon_ms']),
+        cell(torch_ms) if torch_ms else t.get('skipped', '-'),
+        cell(t.get('peak_mb')),
+        cell(torch_ms / r['supremix_ms']) if torch_ms else '-',
+        cell(r.get('torch_supcon_ms'))]
+    print('| ' + ' | '.join(cells) + ' |')
+
+
+if __name__ == '__main__':
+  main()
