@@ -77,6 +77,28 @@ def fns(args):
   }
 
 
+def profile(args, n):
+  """Where SupReMix's time goes at ``n`` views: each part on its own."""
+  from hnjax import samplers  # pylint: disable=g-import-not-at-top
+  from hnjax.losses import _supervised  # pylint: disable=g-import-not-at-top
+  z, y = batch(n, args.D)
+  key = jax.random.key(0)
+  s = z @ z.T / args.T
+  parts = {
+      'Beta draws of the hard negatives ([N, N])': (jax.jit(
+          lambda y: samplers.anchor_inclusive_mixtures(key, y)[0]), (y,)),
+      'hard positives, banded, fwd+bwd': (jax.jit(jax.grad(
+          lambda s, y: _supervised._positive_mixtures(
+              y, y, s, args.window, None)[0].sum())), (s, y)),
+      'SupCon (the real pairs alone), fwd+bwd': (jax.jit(jax.grad(
+          lambda z, y: losses.sup_con(z, y, temperature=args.T).sum())),
+                                                  (z, y)),
+  }
+  print(f'\nprofile at 2B={n} (median ms):')
+  for name, (fn, a) in parts.items():
+    print(f'  {name}: {_time(fn, *a, iters=args.iters):.1f}')
+
+
 def _torch_peer(args, n):
   if args.no_torch or not os.path.exists(_TORCH_PY):
     return None
@@ -105,6 +127,8 @@ def main():
   p.add_argument('--all-pairs-max', type=int, default=1024,
                  help='largest N for the O(N³) all-pairs path')
   p.add_argument('--no-torch', action='store_true')
+  p.add_argument('--profile', type=int, default=1024,
+                 help='2B of the per-part profile (0: none)')
   args = p.parse_args()
   print(f'jax {jax.__version__}, {jax.devices()[0].platform}, '
         f'{os.cpu_count()} CPUs; D={args.D} T={args.T} window={args.window}')
@@ -147,6 +171,8 @@ def main():
         cell(torch_ms / r['supremix_ms']) if torch_ms else '-',
         cell(r.get('torch_supcon_ms'))]
     print('| ' + ' | '.join(cells) + ' |')
+  if args.profile:
+    profile(args, args.profile)
 
 
 if __name__ == '__main__':

@@ -10,8 +10,9 @@ Multi-host (TPU pods, multi-node GPU, or several CPU processes): call
 `initialize` before any other JAX call, then build the mesh over all
 devices; each process feeds its own slice of the global batch through
 `global_batch`, and replicated values (keys, scalars) are created as global
-arrays (`replicated`, `replicated_key`), which multi-process checkpointing
-requires.
+arrays by a jitted init with output shardings (`hnjax.train.state.create`),
+which multi-process checkpointing requires; `to_host` brings any global
+array back to numpy on every process.
 """
 
 import os
@@ -114,10 +115,6 @@ def data_sharding(mesh: Mesh, axis_name: str = DATA) -> NamedSharding:
   return NamedSharding(mesh, P(axis_name))
 
 
-def replicated_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
 def global_batch(local: Any, mesh: Mesh, axis_name: str = DATA) -> Any:
   """Global arrays from each process's slice of the batch.
 
@@ -137,20 +134,6 @@ def global_batch(local: Any, mesh: Mesh, axis_name: str = DATA) -> Any:
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
       local)
-
-
-def replicated(value: Any, mesh: Mesh) -> Any:
-  """A pytree of numpy values as global arrays replicated on every device."""
-  sharding = replicated_sharding(mesh)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-      value)
-
-
-def replicated_key(seed: int, mesh: Mesh) -> jax.Array:
-  """A typed PRNG key as a global replicated array (checkpointable)."""
-  return jax.jit(lambda: jax.random.key(seed),
-                 out_shardings=replicated_sharding(mesh))()
 
 
 def to_host(x: Any) -> np.ndarray:
