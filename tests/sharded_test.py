@@ -140,8 +140,7 @@ class ShardedLossTest(parameterized.TestCase):
     y = np.tile(rng.integers(20, 30, 8).astype(np.float32), 2)  # 2 views
     return testing.unit(rng, 16, 8), y
 
-  @parameterized.parameters(8)
-  def test_sup_con(self, n):
+  def test_sup_con(self, n=8):
     z, y = self._regression_batch()
     fn = lambda z, y, ax: losses.sup_con(z, y, temperature=0.2, axis_name=ax)
     self.assert_same(fn, n, (z, y), (ROWS, ROWS))
@@ -157,8 +156,7 @@ class ShardedLossTest(parameterized.TestCase):
         max_partners=max_partners, axis_name=ax)
     self.assert_same(fn, n, (z, y), (ROWS, ROWS))
 
-  @parameterized.parameters(8)
-  def test_rank_n_contrast(self, n):
+  def test_rank_n_contrast(self, n=8):
     z, y = self._regression_batch()
     fn = lambda z, y, ax: losses.rank_n_contrast(z * 3.0, y, temperature=2.0,
                                                  axis_name=ax)

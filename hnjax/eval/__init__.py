@@ -1,7 +1,13 @@
-"""Evaluation of learned embeddings: kNN, linear probe, geometry, plots."""
+"""Evaluation of learned embeddings.
 
+kNN, linear and regression probes, embedding geometry, an evaluator
+registry (``evaluators``) fed by one feature extractor (``features``), and
+plots (imported on demand: they need matplotlib, an optional dependency).
+"""
+
+from hnjax.eval import evaluators
+from hnjax.eval import features
 from hnjax.eval import geometry
 from hnjax.eval import knn
 from hnjax.eval import linear
-
-# `plots` is imported on demand (it needs matplotlib, an optional dependency).
+from hnjax.eval import regression

@@ -24,8 +24,8 @@ from hnjax import parallel
 from hnjax.samplers import supremix as supremix_lib
 
 # Elements of the [chunk, N, N] positive-mixture logits scored at once
-# (64 MiB of float32): bounds memory whatever N is.
-_MIX_BUDGET = 1 << 24
+# (16 MiB of float32): bounds memory whatever N is.
+_MIX_BUDGET = 1 << 22
 SUPREMIX_VARIANTS = ('clean', 'authors')
 DISTANCE_WEIGHTINGS = ('l1_inv', 'l2_inv', 'none')
 
@@ -145,7 +145,9 @@ def _positive_mixtures_full(y, y_all, s_sg, *, window):
             jnp.sum(ok).astype(jnp.float32))
 
   chunk = max(1, min(y.shape[0], _MIX_BUDGET // (n * n)))
-  return lax.map(per_anchor, (y, s_sg), batch_size=chunk)
+  # Rematerialised: the backward pass keeps each chunk's inputs, not its
+  # [chunk, N, N] intermediates (which over all chunks would be N³).
+  return lax.map(jax.checkpoint(per_anchor), (y, s_sg), batch_size=chunk)
 
 
 def _positive_mixtures_banded(y, y_all, s_sg, *, window, m):
@@ -172,13 +174,19 @@ def _positive_mixtures_banded(y, y_all, s_sg, *, window, m):
   ok_a &= yk - y[:, None] < window
   sj = jnp.take_along_axis(s_sorted, below, axis=1)
   sk = jnp.take_along_axis(s_sorted, above, axis=1)
-  a = _exclusive_alpha(y[:, None, None], yj[:, :, None], yk[:, None, :])
-  logit = a * sj[:, :, None] + (1.0 - a) * sk[:, None, :]  # [B, m, m]
-  ok = ok_b[:, :, None] & ok_a[:, None, :]
-  flat = lambda x: x.reshape(x.shape[0], -1)
-  return (bank_lib.logsumexp(flat(jnp.where(ok, logit, -jnp.inf))),
-          jnp.sum(flat(jnp.where(ok, logit, 0.0)), axis=1),
-          jnp.sum(flat(ok), axis=1).astype(jnp.float32))
+
+  def per_anchor(args):
+    yi, yj, yk, sj, sk, ok_b, ok_a = args  # scalar, then [m] each
+    a = _exclusive_alpha(yi, yj[:, None], yk[None, :])
+    logit = (a * sj[:, None] + (1.0 - a) * sk[None, :]).ravel()  # [m * m]
+    ok = (ok_b[:, None] & ok_a[None, :]).ravel()
+    return (bank_lib.logsumexp(jnp.where(ok, logit, -jnp.inf)),
+            jnp.sum(jnp.where(ok, logit, 0.0)),
+            jnp.sum(ok).astype(jnp.float32))
+
+  chunk = max(1, min(y.shape[0], _MIX_BUDGET // (m * m)))
+  return lax.map(jax.checkpoint(per_anchor), (y, yj, yk, sj, sk, ok_b, ok_a),
+                 batch_size=chunk)
 
 
 def _band_sizes(n, max_partners):
@@ -462,7 +470,7 @@ def _authors(z, y, y_all, s, s_sg, self_mask, alpha, neg_ok, *, temperature,
             jnp.sum(pos).astype(jnp.float32))
 
   mix_den, mix_pos_sum, mix_pos_count = lax.map(
-      mixture_terms, (y, s_sg, neg_logit, neg_label, neg_ok, pad, self_mask),
+      jax.checkpoint(mixture_terms), (y, s_sg, neg_logit, neg_label, neg_ok, pad, self_mask),
       batch_size=chunk)
 
   # The real block, shifted by its own row maximum (self included).
