@@ -25,11 +25,13 @@ Presets after the colon, comma separated:
                   checkpoints; combines with the others:
                   configs/supremix.py:smoke,method=rnc
 
-Expected results (README, "SupReMix on the embedded data", for the numbers
-with 3 seeds): data=shapes predicts the size of the shape (4.5-12 px) from
-a convnet trained for 600 steps at batch 128 (256 views) in about 4
-minutes on a 2-core x86-64 CPU VM; the training split is long-tailed (DIR
-style), validation and test are balanced.
+Expected results (README, "SupReMix: contrastive regression", 3 seeds;
+2-core x86-64 CPU VM, about 1.5 minutes per run): data=shapes predicts the
+size of the shape (4.5-12 px) from a convnet trained for 600 steps at batch
+128 (256 views); the training split is long-tailed (DIR style), validation
+and test are balanced. Probe test MAE: supremix 1.30 +- 0.02 px, supcon
+1.30 +- 0.03, rnc 1.31 +- 0.04, l1 1.19 +- 0.03 (untrained encoder 2.03, raw
+pixels 2.55); few-shot MAE 1.84, 1.89, 1.88, 1.60.
 
   data=agedb     the authors' AgeDB-DIR recipe (ResNet-50 from scratch,
                  224 px, batch 128, Adam 1e-3, 100 epochs, x0.1 at epoch 80,

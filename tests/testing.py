@@ -1,9 +1,11 @@
 """Test helpers shared by the suite (no reference implementations here)."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -63,3 +65,50 @@ def run_workers(script: str, args: list[list[str]], env: dict[str, str],
     line = [l for l in stdout.splitlines() if l.startswith('RESULT')][-1]
     results.append(json.loads(line[len('RESULT'):]))
   return results
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launcher_env() -> dict[str, str]:
+  """Environment of a launcher subprocess: 1 CPU device, shared test data."""
+  # Resume semantics, not speed: skip XLA's slow optimisation passes.
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_NUM_CPU_DEVICES='1',
+             JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  # Same data for every test process, prepared once.
+  env.setdefault('HNJAX_DATA_DIR', os.path.join(tempfile.gettempdir(),
+                                                'hnjax_test_data'))
+  return env
+
+
+def launch(module: str, workdir: str, *args: str, wait: bool = True):
+  """Runs ``python -m <module> --workdir=... args``.
+
+  Returns ``(returncode, stdout, stderr)``, or the running Popen when
+  ``wait`` is False.
+  """
+  cmd = [sys.executable, '-m', module, f'--workdir={workdir}', *args]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(),  # pylint: disable=consider-using-with
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  if not wait:
+    return proc
+  out, err = proc.communicate(timeout=600)
+  return proc.returncode, out, err
+
+
+def summary(out: str) -> dict[str, str]:
+  """The ``key=value`` pairs of a launcher's summary line."""
+  line = [l for l in out.splitlines() if 'state_fingerprint=' in l][-1]
+  return dict(kv.split('=', 1) for kv in line.split())
+
+
+def set_fields(config, overrides: dict) -> None:
+  """Sets dotted config fields: ``{'optim.learning_rate': 0.1}``."""
+  for k, v in overrides.items():
+    *parents, leaf = k.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = v

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,8 +18,6 @@ import time
 
 from absl.testing import absltest
 from absl.testing import parameterized
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -33,34 +30,14 @@ from hnjax.train import moco
 from hnjax.train import runner
 from tests import testing
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SMOKE = ['--config=configs/mochi.py:smoke', '--config.eval.final=knn']
 
 
-def _env():
-  # Resume semantics, not speed: skip XLA's slow optimisation passes.
-  env = dict(os.environ, PYTHONPATH=_ROOT, JAX_NUM_CPU_DEVICES='1',
-             JAX_DISABLE_MOST_OPTIMIZATIONS='1',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  # Same data for every test process, prepared once.
-  env.setdefault('HNJAX_DATA_DIR', os.path.join(tempfile.gettempdir(),
-                                                'hnjax_test_data'))
-  return env
-
-
 def _launch(workdir, *args, wait=True):
-  cmd = [sys.executable, '-m', 'launch.moco', f'--workdir={workdir}', *args]
-  proc = subprocess.Popen(cmd, cwd=_ROOT, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  if not wait:
-    return proc
-  out, err = proc.communicate(timeout=600)
-  return proc.returncode, out, err
+  return testing.launch('launch.moco', workdir, *args, wait=wait)
 
 
-def _summary(out):
-  line = [l for l in out.splitlines() if 'state_fingerprint=' in l][-1]
-  return dict(kv.split('=', 1) for kv in line.split())
+_summary = testing.summary
 
 
 def _wait_for_checkpoint(workdir, step, proc, timeout=300):
@@ -141,12 +118,7 @@ class BadConfigTest(parameterized.TestCase):
   )
   def test_validate_names_field_and_value(self, overrides, expected):
     config = mochi_config.get_config()
-    for k, v in overrides.items():
-      node = config
-      *parents, leaf = k.split('.')
-      for p in parents:
-        node = node[p]
-      node[leaf] = v
+    testing.set_fields(config, overrides)
     with self.assertRaises(checks.ConfigError) as cm:
       runner.validate(moco.FAMILY, config, num_devices=8)
     self.assertIn(expected, str(cm.exception))
@@ -191,13 +163,13 @@ class MultiHostTest(absltest.TestCase):
     port = testing.free_port()
     procs = []
     for i in range(2):
-      env = dict(_env(), HNJAX_DISTRIBUTED='1',
+      env = dict(testing.launcher_env(), HNJAX_DISTRIBUTED='1',
                  HNJAX_COORDINATOR=f'127.0.0.1:{port}',
                  HNJAX_NUM_PROCESSES='2', HNJAX_PROCESS_ID=str(i))
       procs.append(subprocess.Popen(
           [sys.executable, '-m', 'launch.moco', f'--workdir={workdir}',
            *_SMOKE, '--config.num_steps=12', '--config.eval.every_steps=0'],
-          cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          cwd=testing.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
           text=True))
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):

@@ -12,9 +12,6 @@ import csv
 import json
 import os
 import random
-import re
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -31,35 +28,17 @@ from hnjax.train import checks
 from hnjax.train import runner
 from hnjax.train import state as state_lib
 from hnjax.train import supremix
+from tests import testing
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SMOKE = ['--config=configs/supremix.py:smoke',
           '--config.eval.baselines=False']
 
 
-def _env():
-  env = dict(os.environ, PYTHONPATH=_ROOT, JAX_NUM_CPU_DEVICES='1',
-             JAX_DISABLE_MOST_OPTIMIZATIONS='1',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  env.setdefault('HNJAX_DATA_DIR', os.path.join(tempfile.gettempdir(),
-                                                'hnjax_test_data'))
-  return env
-
-
 def _launch(workdir, *args, wait=True):
-  cmd = [sys.executable, '-m', 'launch.supremix', f'--workdir={workdir}',
-         *args]
-  proc = subprocess.Popen(cmd, cwd=_ROOT, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  if not wait:
-    return proc
-  out, err = proc.communicate(timeout=600)
-  return proc.returncode, out, err
+  return testing.launch('launch.supremix', workdir, *args, wait=wait)
 
 
-def _summary(out):
-  line = [l for l in out.splitlines() if 'state_fingerprint=' in l][-1]
-  return dict(kv.split('=', 1) for kv in line.split())
+_summary = testing.summary
 
 
 @pytest.mark.slow
@@ -116,12 +95,7 @@ class BadConfigTest(parameterized.TestCase):
   )
   def test_validate_names_field_and_value(self, overrides, expected):
     config = supremix_config.get_config()
-    for k, v in overrides.items():
-      *parents, leaf = k.split('.')
-      node = config
-      for p in parents:
-        node = node[p]
-      node[leaf] = v
+    testing.set_fields(config, overrides)
     with self.assertRaises(checks.ConfigError) as cm:
       runner.validate(supremix.FAMILY, config, num_devices=8)
     self.assertIn(expected, str(cm.exception))
@@ -176,12 +150,7 @@ class InProcessTest(parameterized.TestCase):
     c.ckpt.every_steps = 3
     c.eval.every_steps = 0
     c.eval.baselines = False
-    for k, v in overrides.items():
-      *parents, leaf = k.split('.')
-      node = c
-      for p in parents:
-        node = node[p]
-      node[leaf] = v
+    testing.set_fields(c, overrides)
     return c
 
   @parameterized.parameters('smoke,method=supcon', 'smoke,method=rnc',
