@@ -5,6 +5,7 @@ nothing under `jax.jit` and fails before any compilation. Messages name the
 argument and the offending value, e.g. ``temperature must be > 0, got 0.0``.
 """
 
+import math
 from typing import Any
 
 import jax
@@ -24,10 +25,12 @@ def concrete_or_none(x: Any) -> float | None:
 
 
 def positive(name: str, value: Any) -> None:
-  """Raises ValueError if a known scalar ``value`` is not > 0."""
+  """Raises ValueError if a known scalar ``value`` is not > 0 and finite."""
   v = concrete_or_none(value)
   if v is not None and not v > 0:
     raise ValueError(f'{name} must be > 0, got {v}')
+  if v is not None and not math.isfinite(v):
+    raise ValueError(f'{name} must be finite, got {v}')
 
 
 def non_negative_int(name: str, value: Any) -> int:
@@ -74,9 +77,17 @@ def same_shape(name_a: str, a: Any, name_b: str, b: Any) -> None:
 
 
 def embeddings(name: str, x: jax.typing.ArrayLike) -> None:
-  """Checks that ``x`` is a floating ``[n, dim]`` array."""
+  """Checks that ``x`` is a floating ``[n, dim]`` array with ``n >= 1``."""
   rank(name, x, 2, '[n, dim]')
   floating(name, x)
+  non_empty(name, x)
+
+
+def non_empty(name: str, x: jax.typing.ArrayLike) -> None:
+  """Raises ValueError if ``x`` has no elements (an empty batch or bank)."""
+  if jnp.size(x) == 0:
+    raise ValueError(f'{name} is empty (shape {jnp.shape(x)}): needs at least '
+                     'one row')
 
 
 def axis_size(axis_name: str | None) -> int:

@@ -57,10 +57,13 @@ class BankStats(NamedTuple):
   Attributes:
     lse: ``[S, B]`` float32, log-sum-exp over the unmasked bank entries of
       ``scale * similarity``, one row per requested scale; ``-inf`` for a
-      query whose bank entries are all masked. Differentiable.
+      query whose bank entries are all masked; NaN for a query whose
+      similarity to any bank entry, masked or not, is non-finite (a NaN or
+      inf in the query or the bank). Differentiable.
     top_similarities: ``[B, N]`` float32, the ``N`` largest unmasked raw
       similarities ``q . n`` in descending order; ``-inf`` where a query has
-      fewer than ``N`` unmasked entries. Stop-gradient.
+      fewer than ``N`` unmasked entries; NaN where ``lse`` is.
+      Stop-gradient.
     top_indices: ``[B, N]`` int32 indices into the (global) bank of those
       entries; ``-1`` where there is none. Ties go to the lower index.
   """
@@ -70,9 +73,13 @@ class BankStats(NamedTuple):
 
 
 def safe_log(x: jax.Array) -> jax.Array:
-  """``log(x)`` that is ``-inf`` at 0 with a zero (not NaN) gradient there."""
+  """``log(x)`` that is ``-inf`` at 0 with a zero (not NaN) gradient there.
+
+  NaN stays NaN: a sum that touched a NaN must not pass for an empty one.
+  """
   positive = x > 0
-  return jnp.where(positive, jnp.log(jnp.where(positive, x, 1.0)), -jnp.inf)
+  return jnp.where(positive, jnp.log(jnp.where(positive, x, 1.0)),
+                   jnp.where(x == 0, -jnp.inf, jnp.nan))
 
 
 def logsumexp(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -157,6 +164,9 @@ def _chunk_stats(q, bank, mask, scales, num_top, expectation):
   """
   k = bank.shape[0]
   sims = q @ bank.T  # [R, K]
+  # A non-finite query or bank row makes non-finite similarities; masked or
+  # not, the query's statistics become NaN (never a finite value).
+  bad = jnp.any(~jnp.isfinite(sims), axis=-1)  # [R]
   lse = expect = None
   if scales:
     x = _masked(_scales(scales) * sims[None], mask, 0, k)
@@ -164,7 +174,7 @@ def _chunk_stats(q, bank, mask, scales, num_top, expectation):
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(x - m)  # [S, R, K]
     acc = jnp.sum(p, axis=-1)
-    lse = safe_log(acc) + m[..., 0]
+    lse = jnp.where(bad, jnp.nan, safe_log(acc) + m[..., 0])
     if expectation:
       expect = jnp.einsum('srk,kd->srd', p, bank) / jnp.where(
           acc > 0, acc, 1.0)[..., None]
@@ -172,6 +182,7 @@ def _chunk_stats(q, bank, mask, scales, num_top, expectation):
   if num_top:
     top_v, top_i = _top_k(_masked(lax.stop_gradient(sims), mask, 0, k),
                           num_top)
+    top_v = jnp.where(bad[:, None], jnp.nan, top_v)
   return lse, expect, top_v, top_i.astype(jnp.int32)
 
 
@@ -210,9 +221,11 @@ def _column_stats(q, bank, mask, scales, block, expectation):
   c = _scales(scales)
 
   def body(carry, start, size):
-    m, acc, expect = carry
+    m, acc, expect, bad = carry
     blk = lax.dynamic_slice_in_dim(bank, start, size)
-    x = _masked(c * (q @ blk.T)[None], mask, start, size)  # [S, G, size]
+    sims = q @ blk.T
+    bad = bad | jnp.any(~jnp.isfinite(sims), axis=-1)  # see _chunk_stats
+    x = _masked(c * sims[None], mask, start, size)  # [S, G, size]
     new_m = jnp.maximum(m, jnp.max(x, axis=-1))
     safe = jnp.where(jnp.isfinite(new_m), new_m, 0.0)
     old = jnp.exp(m - safe)  # rescales what was accumulated so far
@@ -220,15 +233,17 @@ def _column_stats(q, bank, mask, scales, block, expectation):
     acc = acc * old + jnp.sum(p, axis=-1)
     if expectation:
       expect = expect * old[..., None] + jnp.einsum('sgk,kd->sgd', p, blk)
-    return new_m, acc, expect
+    return new_m, acc, expect, bad
 
   num_s = len(scales)
   init = (jnp.full((num_s, g), -jnp.inf, jnp.float32),
           jnp.zeros((num_s, g), jnp.float32),
-          jnp.zeros((num_s, g, d) if expectation else (0,), jnp.float32))
+          jnp.zeros((num_s, g, d) if expectation else (0,), jnp.float32),
+          jnp.zeros((g,), bool))
   init = _varying_like(init, q, bank, mask)
-  m, acc, expect = _scan_blocks(body, init, bank.shape[0], block)
-  lse = safe_log(acc) + jnp.where(jnp.isfinite(m), m, 0.0)
+  m, acc, expect, bad = _scan_blocks(body, init, bank.shape[0], block)
+  lse = jnp.where(bad, jnp.nan, safe_log(acc) + jnp.where(jnp.isfinite(m),
+                                                           m, 0.0))
   if not expectation:
     return lse, None
   return lse, expect / jnp.where(acc > 0, acc, 1.0)[..., None]

@@ -33,3 +33,29 @@ def l2_normalize(x: jax.typing.ArrayLike, *, axis: int = -1,
   x = jnp.asarray(x).astype(jnp.float32)
   sq = jnp.sum(x * x, axis=axis, keepdims=True)
   return x * lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def finite_rows(*arrays: jax.typing.ArrayLike) -> jax.Array:
+  """``[N]`` bool: row ``i`` of every array (``[N, ...]``) is all finite."""
+  ok = None
+  for a in arrays:
+    a = jnp.asarray(a)
+    row = jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1)
+    ok = row if ok is None else ok & row
+  return ok
+
+
+def nan_where(bad: jax.typing.ArrayLike, x: jax.Array) -> jax.Array:
+  """``x`` with NaN where ``bad`` (broadcast): non-finite in, NaN out."""
+  return jnp.where(bad, jnp.nan, x)
+
+
+def valid_scale(value: jax.typing.ArrayLike) -> jax.Array:
+  """A traced temperature or scale, NaN unless finite and > 0.
+
+  Python values are checked at trace time (`hnjax._checks.positive`); a
+  traced one cannot be, so an impossible value makes the loss NaN (which a
+  trainer's non-finite stop catches) instead of a silent finite number.
+  """
+  v = jnp.asarray(value, jnp.float32)
+  return jnp.where(jnp.isfinite(v) & (v > 0), v, jnp.nan)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from hnjax import _checks
+from hnjax import numerics
 from hnjax import parallel
 from hnjax import bank as bank_lib
 from hnjax.samplers import geodesic
@@ -84,13 +85,15 @@ def symmetric_info_nce(
     raise ValueError(f'label_smoothing must be in [0, 1), got '
                      f'{label_smoothing}')
   _checks.axis_size(axis_name)
-  inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
+  inv_t = 1.0 / numerics.valid_scale(temperature)
   labels = parallel.local_rows(a.shape[0], axis_name)
   a_all = parallel.gather(a, axis_name)
   b_all = parallel.gather(b, axis_name)
   ce_ab = _cross_entropy(a @ b_all.T * inv_t, labels, label_smoothing)
   ce_ba = _cross_entropy(b @ a_all.T * inv_t, labels, label_smoothing)
-  return 0.5 * (ce_ab + ce_ba)
+  # Every pair's loss reads the whole batch (both directions).
+  bad = ~(jnp.all(jnp.isfinite(a_all)) & jnp.all(jnp.isfinite(b_all)))
+  return numerics.nan_where(bad, 0.5 * (ce_ab + ce_ba))
 
 
 def sigmoid_contrastive(
@@ -140,10 +143,13 @@ def sigmoid_contrastive(
   _checks.axis_size(axis_name)
   labels = parallel.local_rows(a.shape[0], axis_name)
   b_all = parallel.gather(b, axis_name)
-  logits = jnp.asarray(scale, jnp.float32) * (a @ b_all.T) + jnp.asarray(
+  logits = numerics.valid_scale(scale) * (a @ b_all.T) + jnp.asarray(
       bias, jnp.float32)
   z = jnp.where(labels[:, None] == jnp.arange(b_all.shape[0])[None], 1., -1.)
-  return -jnp.sum(jax.nn.log_sigmoid(z * logits), axis=1)
+  loss = -jnp.sum(jax.nn.log_sigmoid(z * logits), axis=1)
+  # Row i reads a_i and every b.
+  bad = ~numerics.finite_rows(a) | ~jnp.all(jnp.isfinite(b_all))
+  return numerics.nan_where(bad | ~jnp.isfinite(jnp.asarray(bias)), loss)
 
 
 def m2mix(
@@ -199,8 +205,13 @@ def m2mix(
   m = geodesic.geodesic_mix(v, t, lam)
   eye = jnp.eye(v.shape[0], dtype=bool)
   diag = jnp.sum(v * t, axis=-1)
+  temperature = numerics.valid_scale(temperature)
   logits_img = jnp.where(eye, diag[:, None], v @ m.T) / temperature
   logits_txt = jnp.where(eye, diag[:, None], t @ m.T) / temperature
   labels = jnp.arange(v.shape[0])
-  return (_cross_entropy(logits_img, labels, 0.0) +
+  loss = (_cross_entropy(logits_img, labels, 0.0) +
           _cross_entropy(logits_txt, labels, 0.0))
+  # Every pair's loss reads every pair's mixture.
+  bad = ~(jnp.all(jnp.isfinite(v)) & jnp.all(jnp.isfinite(t))
+          & jnp.isfinite(jnp.asarray(lam)))
+  return numerics.nan_where(bad, loss)

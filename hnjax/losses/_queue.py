@@ -12,6 +12,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from hnjax import _checks
+from hnjax import numerics
 from hnjax import bank as bank_lib
 from hnjax.samplers.mochi import mochi_logits
 from hnjax.samplers.mochi import mochi_mix
@@ -91,7 +92,7 @@ def info_nce(
   """
   q, k = _pair(query, positive)
   _checks.positive('temperature', temperature)
-  inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
+  inv_t = 1.0 / numerics.valid_scale(temperature)
   l_pos = jnp.sum(q * k, axis=-1) * inv_t
   # Scaling the query (not the logits) keeps a learnable temperature
   # differentiable while the bank kernel only sees static scales.
@@ -106,7 +107,10 @@ def info_nce(
           f'extra_negatives must have shape [B, M, D] with B, D = '
           f'{q.shape}, got {h.shape}')
     terms.append(bank_lib.logsumexp(jnp.einsum('bd,bmd->bm', q, h) * inv_t))
-  return bank_lib.logsumexp(jnp.stack(terms, axis=-1)) - l_pos
+  loss = bank_lib.logsumexp(jnp.stack(terms, axis=-1)) - l_pos
+  # (The bank's own non-finite entries make its log-sum-exp NaN.)
+  rows = (q, k) if extra_negatives is None else (q, k, h)
+  return numerics.nan_where(~numerics.finite_rows(*rows), loss)
 
 
 def mochi_info_nce(
@@ -186,7 +190,9 @@ def mochi_info_nce(
       l_syn = jnp.einsum('bd,bmd->bm', q, h) / t
     terms.append(bank_lib.logsumexp(l_syn))
     best_neg = jnp.maximum(best_neg, lax.stop_gradient(l_syn).max(1))
-  loss = bank_lib.logsumexp(jnp.stack(terms, axis=-1)) - l_pos
+  loss = numerics.nan_where(~numerics.finite_rows(q, k),
+                            bank_lib.logsumexp(jnp.stack(terms, axis=-1))
+                            - l_pos)
   aux = dict(hardest_similarity=stats.top_similarities[:, 0],
              positive_first=lax.stop_gradient(l_pos) > best_neg)
   return loss, aux
@@ -279,7 +285,7 @@ def hard_contrastive(
     sg = lax.stop_gradient(lse_imp_neg)
     lse_imp_neg = sg + (lse_imp_neg - sg) / (b_ + 1.0)
     lse_imp = lax.stop_gradient(lse_imp)
-  has_neg = jnp.isfinite(log_n)
+  has_neg = ~jnp.isneginf(log_n)  # NaN (a non-finite input) stays NaN
   log_n_safe = jnp.where(has_neg, log_n, 0.0)
   if b_ != 0.0:
     log_r = (jnp.where(has_neg, lse_imp_neg, 0.0)
@@ -296,4 +302,5 @@ def hard_contrastive(
     log_diff = log_r
   log_ng = jnp.maximum(log_diff, log_n_safe - 1.0 / t)
   loss = jnp.logaddexp(l_pos, log_ng) - l_pos
-  return jnp.where(has_neg, loss, 0.0)
+  return numerics.nan_where(~numerics.finite_rows(q, k),
+                            jnp.where(has_neg, loss, 0.0))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from hnjax import _checks
 from hnjax import bank as bank_lib
+from hnjax import numerics
 from hnjax import parallel
 from hnjax.samplers import supremix as supremix_lib
 
@@ -52,6 +53,18 @@ def _batch(z, y, axis_name):
   y_all = parallel.gather(y, axis_name)
   rows = parallel.local_rows(z.shape[0], axis_name)
   return z_all, y_all, rows, rows[:, None] == jnp.arange(z_all.shape[0])
+
+
+def _nan_unless_finite(loss, z_all, y_all, temperature):
+  """Every anchor reads the whole batch: one non-finite embedding or target,
+  or a traced temperature that is not finite and > 0 (see
+  `numerics.valid_scale`), makes every loss NaN, never a finite value the
+  trainer would not stop on (anchors without pairs included).
+  """
+  ok = jnp.all(jnp.isfinite(z_all)) & jnp.isfinite(temperature)
+  if jnp.issubdtype(y_all.dtype, jnp.floating):
+    ok &= jnp.all(jnp.isfinite(y_all))
+  return numerics.nan_where(~ok, loss)
 
 
 def _mean_over_positives(log_prob_sum, count):
@@ -106,11 +119,14 @@ def sup_con(
   z, y = _views(embeddings, labels, 'labels')
   _checks.positive('temperature', temperature)
   z_all, y_all, _, self_mask = _batch(z, y, axis_name)
+  temperature = numerics.valid_scale(temperature)
   s = jnp.where(self_mask, -jnp.inf, z @ z_all.T / temperature)
   log_prob = s - bank_lib.logsumexp(s)[:, None]
   pos = (y[:, None] == y_all[None, :]) & ~self_mask
   total = jnp.sum(jnp.where(pos, log_prob, 0.0), axis=1)
-  return _mean_over_positives(total, jnp.sum(pos, axis=1))
+  return _nan_unless_finite(
+      _mean_over_positives(total, jnp.sum(pos, axis=1)), z_all, y_all,
+      temperature)
 
 
 def _log_weight(dy, distance_weighting):
@@ -360,16 +376,18 @@ def supremix(
   _checks.one_of('variant', variant, SUPREMIX_VARIANTS)
   if max_partners is not None:
     _checks.non_negative_int('max_partners', max_partners)
+  temperature = numerics.valid_scale(temperature)  # traced: NaN unless > 0
   z_all, y_all, rows, self_mask = _batch(z, y, axis_name)
   alpha, neg_ok = supremix_lib.anchor_inclusive_mixtures(
       key, y_all, beta=beta, anchors=rows)
   s = z @ z_all.T / temperature                         # real pairs
   s_sg = z @ lax.stop_gradient(z_all).T / temperature  # mixtures: anchor side
   if variant == 'authors':
-    return _authors(z, y, y_all, s, s_sg, self_mask, alpha, neg_ok,
-                    temperature=temperature, window=window,
-                    weighting=distance_weighting, mix_neg=mix_negatives,
-                    mix_pos=mix_positives, axis_name=axis_name)
+    return _nan_unless_finite(_authors(
+        z, y, y_all, s, s_sg, self_mask, alpha, neg_ok,
+        temperature=temperature, window=window, weighting=distance_weighting,
+        mix_neg=mix_negatives, mix_pos=mix_positives, axis_name=axis_name),
+                              z_all, y_all, temperature)
   dy = jnp.abs(y[:, None] - y_all[None, :])
 
   # Real pairs: all other views are candidates, same targets are positives.
@@ -394,8 +412,10 @@ def supremix(
     pos_count = pos_count + count_mix
 
   d = bank_lib.logsumexp(jnp.stack(terms, axis=-1))
-  d = jnp.where(jnp.isfinite(d), d, 0.0)  # only for anchors with no pairs
-  return _mean_over_positives(pos_sum - pos_count * d, pos_count)
+  d = jnp.where(jnp.isneginf(d), 0.0, d)  # only for anchors with no pairs
+  return _nan_unless_finite(
+      _mean_over_positives(pos_sum - pos_count * d, pos_count), z_all, y_all,
+      temperature)
 
 
 def _authors_weight(delta, weighting, mixtures):
@@ -544,6 +564,7 @@ def rank_n_contrast(
                    + jnp.sum(z_all * z_all, axis=1)[None, :]
                    - 2.0 * z @ z_all.T, 0.0)
   ok = d2 > 0
+  temperature = numerics.valid_scale(temperature)
   s = -jnp.where(ok, jnp.sqrt(jnp.where(ok, d2, 1.0)), 0.0) / temperature
   # Row i without its own column: column c < i is c, otherwise c + 1.
   cols = jnp.arange(n - 1)[None, :]
@@ -559,4 +580,5 @@ def rank_n_contrast(
     first = jnp.searchsorted(dy_sorted, dy_row, side='left')
     return -jnp.mean(s_row - tail[first])
 
-  return jax.vmap(per_anchor)(s_o, dy_o)
+  return _nan_unless_finite(jax.vmap(per_anchor)(s_o, dy_o), z_all, y_all,
+                            temperature)

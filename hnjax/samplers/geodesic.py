@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 
+from hnjax import _checks
+
 # Below this squared norm the component of b orthogonal to a is treated as
 # zero (identical or antipodal inputs): float32 unit vectors carry ~1e-7 noise.
 _TINY = 1e-12
@@ -78,6 +80,7 @@ def geodesic_mix(
     raise ValueError(
         f'a and b must have the same shape [..., D], got {a.shape} and '
         f'{b.shape}')
+  _checks.non_empty('a', a)
   dtype = jnp.result_type(a, b)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f'a and b must be floating arrays, got {dtype}')

@@ -100,8 +100,12 @@ def mochi(
       q, lax.stop_gradient(negatives), num_top=num_hard,
       negative_mask=negative_mask, axis_name=axis_name,
       block_size=block_size)
-  return mochi_mix(key, q, negatives, stats.top_indices, num_mix=num_mix,
-                   num_query_mix=num_query_mix, axis_name=axis_name)
+  h = mochi_mix(key, q, negatives, stats.top_indices, num_mix=num_mix,
+                num_query_mix=num_query_mix, axis_name=axis_name)
+  # A query whose selection met a non-finite query or bank entry (NaN
+  # similarities) gets NaN mixtures, not the zeros of "no valid negative".
+  bad = jnp.any(jnp.isnan(stats.top_similarities), axis=1)
+  return jnp.where(bad[:, None, None], jnp.nan, h)
 
 
 def mochi_mix(

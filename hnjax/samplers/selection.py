@@ -71,6 +71,7 @@ def _ids(name, x):
   if x.ndim != 1 or not jnp.issubdtype(x.dtype, jnp.integer):
     raise ValueError(f'{name} must be a 1-D integer array, got {x.dtype}'
                      f'{list(x.shape)}')
+  _checks.non_empty(name, x)
   return x
 
 
@@ -176,6 +177,7 @@ def guide_margin_mask(
   if m is not None and m < 0:
     raise ValueError(f'margin must be >= 0, got {m}')
   _checks.rank('guide_query_bank', guide_query_bank, 2, '[B, K]')
+  _checks.non_empty('guide_query_bank', guide_query_bank)
   g = lax.stop_gradient(jnp.asarray(guide_query_bank, jnp.float32))
   gp = lax.stop_gradient(jnp.asarray(guide_query_positive, jnp.float32))
   if gp.shape != g.shape[:1]:
@@ -211,6 +213,7 @@ def hard_top_k_mask(similarities: jax.typing.ArrayLike, k: int) -> jax.Array:
     https://arxiv.org/abs/2012.09740
   """
   _checks.rank('similarities', similarities, 2, '[B, K]')
+  _checks.non_empty('similarities', similarities)
   s = lax.stop_gradient(jnp.asarray(similarities, jnp.float32))
   _checks.positive_int('k', k)
   if k > s.shape[1]:

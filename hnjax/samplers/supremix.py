@@ -26,6 +26,7 @@ def _targets(targets):
   y = jnp.asarray(targets)
   if y.ndim != 1:
     raise ValueError(f'targets must have shape [N], got {y.shape}')
+  _checks.non_empty('targets', y)
   return y.astype(jnp.float32)
 
 
@@ -117,6 +118,9 @@ def anchor_inclusive_mixtures(
   rows = jnp.arange(n) if anchors is None else jnp.asarray(anchors)
   alpha = jax.vmap(lambda r: sample_beta(
       jax.random.fold_in(key, r), beta[0], beta[1], (n,)))(rows)
+  # A non-finite target poisons every weight of a mixture it is part of.
+  finite = jnp.isfinite(y)
+  alpha = jnp.where(finite[rows][:, None] & finite[None, :], alpha, jnp.nan)
   return alpha, y[rows][:, None] != y[None, :]
 
 
@@ -145,7 +149,11 @@ def anchor_exclusive_row(
   valid = below[:, None] & above[None, :]
   span = y[None, :] - y[:, None]  # y_k - y_j
   alpha = (y[None, :] - yi) / jnp.where(valid, span, 1.0)
-  return jnp.where(valid, jnp.clip(alpha, 0.0, 1.0), 0.0), valid
+  alpha = jnp.where(valid, jnp.clip(alpha, 0.0, 1.0), 0.0)
+  # Non-finite targets are never valid partners; their weights are NaN.
+  finite = jnp.isfinite(y)
+  ok = jnp.isfinite(yi) & finite[:, None] & finite[None, :]
+  return jnp.where(ok, alpha, jnp.nan), valid
 
 
 def anchor_exclusive_mixtures(

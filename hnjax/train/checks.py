@@ -5,6 +5,7 @@ Every error is a `ConfigError` whose message names the field and its value,
 it as one line and exit with status 2.
 """
 
+import math
 from typing import Any
 
 import jax
@@ -32,11 +33,14 @@ def get(config: Any, field: str) -> Any:
 
 
 def positive(config: Any, *fields: str) -> None:
-  """Every named (dotted) field must be a number > 0."""
+  """Every named (dotted) field must be a finite number > 0."""
   for field in fields:
     value = get(config, field)
     require(isinstance(value, (int, float)) and not isinstance(value, bool)
             and value > 0, field, value, 'must be > 0')
+    # inf passes `> 0` but trains nothing (temperature=inf: loss log K,
+    # gradient 0).
+    require(math.isfinite(value), field, value, 'must be finite')
 
 
 def one_of(config: Any, field: str, options: tuple[Any, ...]) -> None:
