@@ -186,6 +186,23 @@ class FingerprintMismatchError(ValueError):
   """A restored checkpoint's contents differ from what was saved."""
 
 
+class SaveError(RuntimeError):
+  """A checkpoint could not be written (disk full, permission, ...).
+
+  Attributes:
+    step: the step whose checkpoint failed; the checkpoints before it are
+      untouched and restorable.
+  """
+
+  def __init__(self, step: int | None, directory: Any, cause: BaseException):
+    self.step = step
+    detail = (f'[Errno {cause.errno}] {cause.strerror}'
+              if isinstance(cause, OSError) and cause.strerror else
+              f'{type(cause).__name__}: {first_line(cause)}')
+    super().__init__(f'the checkpoint of step {step} could not be written to '
+                     f'{directory}: {detail}')
+
+
 # --------------------------------------------------------------- checkpointer
 
 
@@ -229,6 +246,7 @@ class Checkpointer:
     self.directory = epath.Path(directory)
     self._verify = verify
     self._save_interval_steps = save_interval_steps
+    self._pending = None  # step of the save that may still be running
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         enable_async_checkpointing=async_save,
@@ -301,17 +319,23 @@ class Checkpointer:
     digests = {}
     if self._verify:
       digests = {'state': _fingerprint(state), 'meta': _meta_digest(meta)}
-    return self._mngr.save(
-        step,
-        args=ocp.args.Composite(
-            **{
-                _STATE: ocp.args.StandardSave(state),
-                _META: ocp.args.JsonSave(meta),
-                _FINGERPRINT: ocp.args.JsonSave(digests),
-            }
-        ),
-        force=True,  # Decided above; Orbax's own policy differs.
-    )
+    self.wait()  # a failure of the previous save is reported as its own
+    self._pending = step
+    try:
+      return self._mngr.save(
+          step,
+          args=ocp.args.Composite(
+              **{
+                  _STATE: ocp.args.StandardSave(state),
+                  _META: ocp.args.JsonSave(meta),
+                  _FINGERPRINT: ocp.args.JsonSave(digests),
+              }
+          ),
+          force=True,  # Decided above; Orbax's own policy differs.
+      )
+    except OSError as e:
+      self._pending = None
+      raise SaveError(step, self.directory, e) from e
 
   # -- restore
 
@@ -433,12 +457,35 @@ class Checkpointer:
   # -- lifecycle
 
   def wait(self) -> None:
-    """Blocks until a pending asynchronous save is on disk."""
-    self._mngr.wait_until_finished()
+    """Blocks until a pending asynchronous save is on disk.
+
+    Raises:
+      SaveError: the pending save failed (reported once); the step's
+        temporary directory is left for the next `Checkpointer` to delete.
+    """
+    step, self._pending = self._pending, None
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      # Orbax re-raises the background thread's error (an OSError from a
+      # full disk, or whatever its writers raise).
+      raise SaveError(step, self.directory, _root_cause(e)) from e
+
+  def check(self) -> None:
+    """Raises `SaveError` if a background save has failed; never blocks."""
+    if self._pending is not None and not self._mngr.is_saving_in_progress():
+      self.wait()
 
   def close(self) -> None:
-    """Waits for pending saves and releases Orbax's threads."""
-    self._mngr.close()
+    """Waits for pending saves and releases Orbax's threads.
+
+    Raises:
+      SaveError: the pending save failed.
+    """
+    try:
+      self.wait()
+    finally:
+      self._mngr.close()
 
   def __enter__(self) -> Checkpointer:
     return self
@@ -456,6 +503,46 @@ def _check_global(state: PyTree) -> None:
           ' global arrays: create them with jax.jit(..., out_shardings=...)'
           ' or jax.make_array_from_process_local_data.'
       )
+
+
+def _root_cause(e: BaseException) -> BaseException:
+  """The innermost OSError of an exception chain, else ``e`` itself."""
+  seen = e
+  while seen is not None:
+    if isinstance(seen, OSError):
+      return seen
+    seen = seen.__cause__ or seen.__context__
+  return e
+
+
+def read_meta(directory: str | os.PathLike[str]
+              ) -> tuple[int, dict[str, Any]] | None:
+  """The ``meta`` of the newest checkpoint whose meta is readable.
+
+  Read-only and cheap (no arrays, no Orbax manager): for comparing a run's
+  config with the one it would resume before anything is written. Reads the
+  JSON file Orbax's ``JsonSave`` writes, ``<step>/meta/metadata``, of the
+  finished (integer-named) step directories.
+
+  Args:
+    directory: a :class:`Checkpointer` directory (it may not exist).
+
+  Returns:
+    ``(step, meta)``, or None when there is no finished checkpoint.
+  """
+  if not os.path.isdir(directory):
+    return None
+  steps = sorted((int(n) for n in os.listdir(directory) if n.isdigit()),
+                 reverse=True)
+  for step in steps:
+    try:
+      with open(os.path.join(directory, str(step), _META, 'metadata')) as f:
+        meta = json.load(f)
+    except (OSError, ValueError):
+      continue  # restore() falls back past this step too
+    if isinstance(meta, dict):
+      return step, meta
+  return None
 
 
 def first_line(e: BaseException) -> str:

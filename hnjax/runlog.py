@@ -22,16 +22,23 @@ CONFIG_FILE = 'config.json'
 
 
 def parse_line(line: str) -> dict[str, Any] | None:
-  """One log line as a dict, or None for a torn or foreign line."""
+  """One log line as a dict, or None for a torn, damaged or foreign line.
+
+  A record needs an integer ``step`` (``{"step": "7"}`` is not one).
+  """
   try:
     record = json.loads(line)
   except json.JSONDecodeError:
     return None
-  return record if isinstance(record, dict) and 'step' in record else None
+  if not isinstance(record, dict):
+    return None
+  step = record.get('step')
+  ok = isinstance(step, int) and not isinstance(step, bool)
+  return record if ok else None
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-  """Reads a ``metrics.jsonl``/``histograms.jsonl`` file, skipping torn lines.
+  """Reads a ``metrics.jsonl``/``histograms.jsonl`` file, skipping bad lines.
 
   Args:
     path: file path; a missing file gives ``[]``.
@@ -41,7 +48,8 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
   """
   if not os.path.exists(path):
     return []
-  with open(path) as f:
+  # errors='replace': damaged bytes spoil their line only.
+  with open(path, encoding='utf-8', errors='replace') as f:
     return [r for line in f if (r := parse_line(line)) is not None]
 
 

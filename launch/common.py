@@ -10,11 +10,15 @@ Flags: ``--config=configs/x.py:preset,...`` (default: the family's),
 error), ``--workdir`` (default ``runs/<method>``), ``--distributed`` (or
 ``HNJAX_DISTRIBUTED=1``) on every host of a multi-host job. A bad flag,
 config field or value, or missing data prints one line ``hnjax: error: ...``
-and exits with status 2 before anything is written; a non-finite loss exits
-with status 3.
+and exits with status 2 before anything is written, and so does a workdir that
+is a file, not writable, used by another run, or holding a run with another
+config (``--allow_changes=field,...`` resumes it anyway); a non-finite loss
+exits with status 3 and a checkpoint that cannot be written (a full disk)
+with status 4.
 """
 
 import importlib
+import logging as logging_lib
 import os
 import re
 import sys
@@ -30,6 +34,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     '(default: the launcher\'s).', lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run directory (default: runs/<method>).')
+_ALLOW_CHANGES = flags.DEFINE_list(
+    'allow_changes', [], 'Config fields (dotted, or a prefix) allowed to '
+    'differ from the checkpoint being resumed, e.g. num_steps.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', None, 'Call jax.distributed.initialize (multi-host); '
     'default: only if HNJAX_DISTRIBUTED=1.')
@@ -38,6 +45,21 @@ _DISTRIBUTED = flags.DEFINE_bool(
 def _error(message: str) -> None:
   print(f'hnjax: error: {message}', file=sys.stderr)
   sys.exit(2)
+
+
+class _DropOrbaxErrors(logging_lib.Filter):
+  """Orbax logs a failed background save as tracebacks from several threads;
+  the runner reports it as one `checkpoint.SaveError` line instead."""
+
+  def filter(self, record):
+    return not (record.levelno >= logging_lib.ERROR
+                and f'{os.sep}orbax{os.sep}' in record.pathname)
+
+
+def _quiet_orbax_errors() -> None:
+  if logging.get_verbosity() < logging.INFO:  # unless --verbosity asks
+    for handler in logging_lib.getLogger().handlers:
+      handler.addFilter(_DropOrbaxErrors())
 
 
 def _main(argv, family: str) -> None:
@@ -50,26 +72,47 @@ def _main(argv, family: str) -> None:
   parallel.initialize(enabled=_DISTRIBUTED.value)
   import jax  # pylint: disable=g-import-not-at-top
   trainer = importlib.import_module(f'hnjax.train.{family}')
+  # pylint: disable=g-import-not-at-top
+  from hnjax import checkpoint
+  from hnjax.train import workdir as workdir_lib
+  # pylint: enable=g-import-not-at-top
   jax.config.parse_flags_with_absl()
 
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+    config.get('method')  # the flag loads the file lazily: fail here
+  except OSError as e:  # a missing or unreadable config file
+    reason = re.findall(r'\[Errno \d+\][^\n]*', str(e)) or [str(e)]
+    _error(f'--config: cannot load the config file: {reason[-1].strip()}')
   workdir = _WORKDIR.value or os.path.join('runs', config.method)
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)  # tfds warns about missing files
   try:  # Bad config or missing data: one line, exit 2, nothing written.
     trainer.prepare(config)
-  except (ValueError, FileNotFoundError) as e:
+    workdir_lib.check_usable(os.path.abspath(workdir))
+  except (ValueError, FileNotFoundError, workdir_lib.WorkdirError) as e:
     _error(' '.join(str(e).split()))
   logging.set_verbosity(verbosity)
   if jax.process_index() == 0:
     print(f'hnjax: {config.method} on {config.data.name}, '
           f'{jax.process_count()} process(es), {jax.device_count()} '
           f'device(s); workdir {workdir}', flush=True)
+  _quiet_orbax_errors()
   try:
-    summary = trainer.train_and_evaluate(config, workdir)
+    summary = trainer.train_and_evaluate(
+        config, workdir, allow_changes=tuple(_ALLOW_CHANGES.value))
+  except workdir_lib.WorkdirError as e:
+    _error(str(e))
   except FloatingPointError as e:
     print(f'hnjax: stopped: {e}', file=sys.stderr)
     sys.exit(3)
+  except checkpoint.SaveError as e:
+    print(f'hnjax: stopped: {e}; the earlier checkpoints are intact',
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Orbax's writer threads of the failed save may still be running; a
+    # normal interpreter exit would wait on them and print their errors.
+    os._exit(4)  # pylint: disable=protected-access
   if jax.process_index() == 0:
     if summary['interrupted']:
       print(f'hnjax: interrupted at step {summary["step"]}; checkpoint saved. '

@@ -174,6 +174,16 @@ class CheckpointerTest(parameterized.TestCase):
       abstract = checkpoint.abstract_state(_state(self.mesh, 0))
       self.assertIsNone(ckpt.restore(abstract))
 
+  def test_read_meta_without_restoring(self):
+    self.assertIsNone(checkpoint.read_meta(os.path.join(self.dir, 'none')))
+    self.assertIsNone(checkpoint.read_meta(self.dir))
+    self._save_steps([2, 4])
+    self.assertEqual(checkpoint.read_meta(self.dir), (4, {'step': 4}))
+    # An unreadable newest meta falls back, as restore() does.
+    with open(os.path.join(self.dir, '4', 'meta', 'metadata'), 'w') as f:
+      f.write('{"step": ')
+    self.assertEqual(checkpoint.read_meta(self.dir), (2, {'step': 2}))
+
   def test_round_trip_keeps_values_keys_and_shardings(self):
     state = _state(self.mesh, 3)
     meta = {'data': {'next_index': 96, 'seed': 0}, 'config': {'t': (1, 2)}}

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from hnjax.data import builders
 from hnjax.data import imagenet
 from hnjax.data import sources
 from hnjax.data import testing
@@ -22,6 +23,37 @@ _NAMES = (
     .info.features['label']
     .names
 )
+
+
+class EmbeddedIntegrityTest(parameterized.TestCase):
+  """Case 9 of the robustness issue: a damaged prepared file is named and
+  the embedded dataset prepares itself again (a flipped byte used to fail
+  only when its record was read, steps into a run)."""
+
+  @parameterized.parameters('flip', 'truncate')
+  def test_damaged_file_is_named_and_re_prepared(self, damage):
+    data_dir = tempfile.mkdtemp()
+    clean = sources.get_source('digits', 'train', data_dir=data_dir)
+    rows = np.arange(len(clean))
+    expected = clean.get_batch(rows)
+    directory = builders.prepare('digits', data_dir=data_dir).data_dir
+    name = [f for f in os.listdir(directory) if 'train.array_record' in f][0]
+    path = os.path.join(directory, name)
+    with open(path, 'r+b') as f:
+      if damage == 'flip':
+        f.seek(os.path.getsize(path) // 3)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x40]))
+      else:
+        f.truncate(os.path.getsize(path) // 2)
+    builders._verified.clear()  # pylint: disable=protected-access  # a new process
+    with self.assertLogs(level='WARNING') as logs:
+      source = sources.get_source('digits', 'train', data_dir=data_dir)
+    self.assertTrue(any(path in l and 'preparing digits again' in l
+                        for l in logs.output), logs.output)
+    for k, v in source.get_batch(rows).items():
+      np.testing.assert_array_equal(v, expected[k], err_msg=k)
 
 
 class MissingDataTest(parameterized.TestCase):

@@ -112,3 +112,22 @@ def set_fields(config, overrides: dict) -> None:
     for p in parents:
       node = node[p]
     node[leaf] = v
+
+
+def tiny_config(**overrides):
+  """A run of the shared runner that takes seconds: an MLP on diabetes.
+
+  12 steps of the L1 baseline, a checkpoint every 3 steps, logs every step,
+  the kNN probe only at the end.
+  """
+  from configs import supremix  # pylint: disable=g-import-not-at-top
+  c = supremix.get_config('smoke,method=l1,data=diabetes')
+  c.batch_size = 32
+  c.num_steps = 12
+  c.ckpt.every_steps = 3
+  c.log_every_steps = 1
+  c.eval.every_steps = 0
+  c.eval.baselines = False
+  c.eval.final = 'knn_mae'
+  set_fields(c, overrides)
+  return c

@@ -39,6 +39,19 @@ class PreemptionGuardTest(absltest.TestCase):
         signal.raise_signal(signal.SIGINT)
     self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
 
+  def test_protected_save_only_logs_every_signal(self):
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    self.addCleanup(signal.signal, signal.SIGINT, old)
+    with preemption.PreemptionGuard() as guard:
+      signal.raise_signal(signal.SIGTERM)
+      guard.protect()  # the stop checkpoint is being written
+      with self.assertLogs(level='WARNING') as logs:
+        for s in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
+          signal.raise_signal(s)  # no KeyboardInterrupt, no exit
+      self.assertLen(logs.output, 3)
+      self.assertIn('while writing the stop checkpoint', logs.output[0])
+    self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+
   def test_repeated_sigterm_does_not_kill(self):
     calls = []
     old = signal.signal(signal.SIGTERM, lambda *a: calls.append(a))

@@ -399,7 +399,8 @@ def prepare(config: mlc.ConfigDict) -> runner.Setup:
   return runner.prepare(FAMILY, config)
 
 
-def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *,
+                       allow_changes: tuple[str, ...] = ()) -> dict[str, Any]:
   """Trains MoCo v2 / MoCHi per ``config`` in ``workdir``, resuming if needed.
 
   Usable from Colab without absl: ``train_and_evaluate(get_config(),
@@ -410,9 +411,12 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     config: a config from ``configs/moco_v2.py`` or ``configs/mochi.py``.
     workdir: run directory (checkpoints, metrics.jsonl, TensorBoard events,
       plots, config.json).
+    allow_changes: config fields allowed to differ from the checkpoint
+      being resumed (see `hnjax.train.workdir.check_resume`).
 
   Returns:
     A summary dict: ``step``, ``knn_top1``, ``linear_top1`` (with the
     linear evaluator), ``state_fingerprint``, ``interrupted``, ``wall_s``.
   """
-  return runner.train_and_evaluate(FAMILY, config, workdir)
+  return runner.train_and_evaluate(FAMILY, config, workdir,
+                                  allow_changes=allow_changes)

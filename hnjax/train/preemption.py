@@ -15,8 +15,11 @@ Example::
         break
 
 A second Ctrl-C aborts at once (Python's usual ``KeyboardInterrupt``), for
-when the save itself hangs. Repeated SIGTERMs are only logged: schedulers may
-send several, and each should not kill the checkpoint being written.
+when a step hangs. Repeated SIGTERMs are only logged: schedulers may send
+several, and each should not kill the checkpoint being written. Once the loop
+calls :meth:`PreemptionGuard.protect` (it is about to write the stop
+checkpoint), every further signal, Ctrl-C included, is only logged until the
+guard exits; keep the guard entered until the save is on disk.
 
 Multi-process runs: a signal may reach only some processes, yet all must stop
 at the same step or the others block in the next collective. Every
@@ -70,6 +73,7 @@ class PreemptionGuard:
     self._old_handlers: dict[int, object] = {}
     self._received: list[int] = []
     self._agreed = False
+    self._protected = False
 
   # -- signal handling
 
@@ -91,6 +95,11 @@ class PreemptionGuard:
 
   def _handle(self, signum: int, frame: types.FrameType | None) -> None:
     name = signal.Signals(signum).name
+    if self._protected:
+      logging.warning('Received %s while writing the stop checkpoint; '
+                      'exiting once it is written.', name)
+      self._received.append(signum)
+      return
     if signum == signal.SIGINT and signal.SIGINT in self._received:
       # Second Ctrl-C: behave as if we were not here.
       old = self._old_handlers.get(signum, signal.default_int_handler)
@@ -109,6 +118,10 @@ class PreemptionGuard:
           name,
       )
     self._received.append(signum)
+
+  def protect(self) -> None:
+    """From now until exit, signals are only logged (a save is running)."""
+    self._protected = True
 
   def request_stop(self) -> None:
     """Sets the flag as a signal would (e.g. for a wall-clock limit)."""

@@ -34,6 +34,7 @@ from typing import Any, Callable, Hashable, Mapping
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections as mlc
 import numpy as np
 
@@ -43,6 +44,7 @@ from hnjax import parallel
 from hnjax.train import checks
 from hnjax.train import preemption
 from hnjax.train import state as state_lib
+from hnjax.train import workdir as workdir_lib
 from hnjax.train import writer as writer_lib
 
 State = Any
@@ -187,38 +189,98 @@ def _scalars(metrics: Metrics) -> dict[str, float]:
   return {k: float(np.mean(parallel.to_host(v))) for k, v in metrics.items()}
 
 
-def train_and_evaluate(family: Family, config: mlc.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
+def _agree(fn: Callable[[], None], *, enabled: bool = True) -> None:
+  """Runs ``fn`` (if ``enabled``) and stops every process if it fails.
+
+  In multi-process runs only process 0 may know that, e.g., the workdir is
+  locked; the others must not go on into a collective that never comes.
+  """
+  error = None
+  if enabled:
+    try:
+      fn()
+    except workdir_lib.WorkdirError as e:
+      error = e
+  if jax.process_count() > 1:
+    ok = multihost_utils.process_allgather(np.array(error is None))
+    if error is None and not np.all(ok):
+      error = workdir_lib.WorkdirError(
+          'another process could not use the workdir (see its error)')
+  if error is not None:
+    raise error
+
+
+def _restore(ckpt, state, workdir):
+  """The newest good checkpoint (or None), one-line error if none fits."""
+  try:
+    return ckpt.restore(checkpoint.abstract_state(state))
+  except RuntimeError as e:  # every step failed: shapes or structure differ
+    raise workdir_lib.WorkdirError(
+        f'workdir {workdir!r}: {checkpoint.first_line(e)}') from None
+
+
+def train_and_evaluate(family: Family, config: mlc.ConfigDict, workdir: str,
+                       *, allow_changes: tuple[str, ...] = ()
+                       ) -> dict[str, Any]:
   """Trains ``family`` per ``config`` in ``workdir``, resuming if needed.
 
   Re-running with the same workdir resumes from the newest good
-  checkpoint. SIGTERM and Ctrl-C save a checkpoint and return early.
+  checkpoint, if its config is this one (`workdir.check_resume`). One run
+  per workdir (`workdir.Lock`). SIGTERM and Ctrl-C save a checkpoint and
+  return early; further signals are only logged until it is written.
 
   Args:
     family: the experiment family.
     config: the run's config.
     workdir: run directory (checkpoints, metrics.jsonl, TensorBoard events,
       plots, config.json).
+    allow_changes: dotted config fields (or prefixes) allowed to differ from
+      the checkpoint being resumed, besides `workdir.SAFE_FIELDS`.
 
   Returns:
     A summary dict: ``step``, ``interrupted``, the final evaluation's
     scalars, ``state_fingerprint``, ``wall_s``.
+
+  Raises:
+    checks.ConfigError: an impossible config (nothing written).
+    workdir.WorkdirError: the workdir is unusable, in use, or holds a run
+      with another config or state shapes (nothing written).
+    checkpoint.SaveError: a checkpoint could not be written; the earlier
+      ones are intact.
+    FloatingPointError: the loss went non-finite.
   """
   t0 = time.time()
   workdir = os.path.abspath(workdir)  # Orbax needs absolute paths.
   setup = prepare(family, config)
+  is_main = jax.process_index() == 0
+  _agree(lambda: workdir_lib.check_usable(workdir))
+  config_json = json.loads(config.to_json_best_effort())
+  lock = workdir_lib.Lock(workdir, enabled=is_main)
+  _agree(lock.acquire, enabled=is_main)
+  try:
+    saved = checkpoint.read_meta(state_lib.checkpoint_dir(workdir))
+    if saved is not None:
+      _agree(lambda: workdir_lib.check_resume(
+          saved[1].get('config'), config_json, workdir=workdir,
+          step=saved[0], allow=allow_changes))
+    return _run(family, setup, config, config_json, workdir, t0)
+  finally:
+    lock.release()
+
+
+def _run(family, setup, config, config_json, workdir, t0):
+  """`train_and_evaluate` once the workdir is ours and the config checked."""
   total = setup.total_steps
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  writer = writer_lib.MetricWriter(workdir, enabled=is_main)
-  config_json = json.loads(config.to_json_best_effort())
-  writer.write_config(config_json)
-
   pieces = family.build(setup)
   state = pieces.init_state()
   ckpt = checkpoint.Checkpointer(state_lib.checkpoint_dir(workdir),
                                  max_to_keep=config.ckpt.max_to_keep)
-  restored = ckpt.restore(checkpoint.abstract_state(state))
+  try:
+    restored = _restore(ckpt, state, workdir)
+  except workdir_lib.WorkdirError:
+    ckpt.close()
+    raise
   start = 0
   if restored is not None:
     start, state, _ = restored
@@ -227,6 +289,8 @@ def train_and_evaluate(family: Family, config: mlc.ConfigDict,
     state = state_lib.load_params(state, config.init_from,
                                   pieces.init_fields)
     logging.info('parameters from %s', config.init_from)
+  writer = writer_lib.MetricWriter(workdir, enabled=is_main)
+  writer.write_config(config_json)  # only now: the resume check passed
   writer.truncate_after(start)
   last_saved = start or None
 
@@ -247,48 +311,62 @@ def train_and_evaluate(family: Family, config: mlc.ConfigDict,
   interrupted, pending = False, None
   bar = writer_lib.progress_bar(total, initial=start, enabled=is_main,
                                 desc=config.method)
+  guard = preemption.PreemptionGuard(sync_every=config.log_every_steps)
   try:
-    with preemption.PreemptionGuard(
-        sync_every=config.log_every_steps) as guard:
-      for step in range(start + 1, total + 1):
-        batch = parallel.global_batch(next(it), setup.mesh)
-        state, metrics = step_fn(pieces.variant(step))(state, batch)
-        # Check the previous step's loss while this one runs (no stall).
-        if pending is not None:
-          _check_finite(float(pending[1]), pending[0], last_saved)
-        pending = (step, metrics['loss'])
-        bar.update(1)
-        if step % config.log_every_steps == 0 or step == total:
-          scalars = _scalars(metrics)
-          _check_finite(scalars['loss'], step, last_saved)
-          scalars['learning_rate'] = float(pieces.learning_rate(step - 1))
-          scalars.update(pieces.scalars(step))
-          writer.write_scalars(step, scalars)
-          bar.set_postfix({k: f'{scalars[k]:.3f}' for k in pieces.progress
-                           if k in scalars})
-        if step % config.hist_every_steps == 0 or step == total:
-          for name, value in metrics.items():
-            if value.ndim:
-              writer.write_histogram(
-                  step, name, parallel.to_host(value),
-                  value_range=pieces.histogram_ranges.get(name, (-1., 1.)))
-        if step in eval_at and step != total:
-          writer.write_scalars(step, _only_scalars(
-              pieces.evaluate(state, False, None)))
-        stop = guard.should_stop(step)
-        if step % config.ckpt.every_steps == 0 or step == total or stop:
-          # Never save a state whose loss went non-finite.
-          _check_finite(float(metrics['loss']), step, last_saved)
-          save(step)
-          last_saved = step
-        if stop and step < total:
-          interrupted = True
-          break
-  finally:
-    # Also on errors: finish writing the last good checkpoint and the logs.
-    bar.close()
-    ckpt.wait()
-    writer.flush()
+    with guard:
+      try:
+        for step in range(start + 1, total + 1):
+          batch = parallel.global_batch(next(it), setup.mesh)
+          state, metrics = step_fn(pieces.variant(step))(state, batch)
+          # Check the previous step's loss while this one runs (no stall).
+          if pending is not None:
+            _check_finite(float(pending[1]), pending[0], last_saved)
+          pending = (step, metrics['loss'])
+          ckpt.check()  # a failed background save stops within a step
+          bar.update(1)
+          if step % config.log_every_steps == 0 or step == total:
+            scalars = _scalars(metrics)
+            _check_finite(scalars['loss'], step, last_saved)
+            scalars['learning_rate'] = float(pieces.learning_rate(step - 1))
+            scalars.update(pieces.scalars(step))
+            writer.write_scalars(step, scalars)
+            bar.set_postfix({k: f'{scalars[k]:.3f}' for k in pieces.progress
+                             if k in scalars})
+          if step % config.hist_every_steps == 0 or step == total:
+            for name, value in metrics.items():
+              if value.ndim:
+                writer.write_histogram(
+                    step, name, parallel.to_host(value),
+                    value_range=pieces.histogram_ranges.get(name, (-1., 1.)))
+          if step in eval_at and step != total:
+            writer.write_scalars(step, _only_scalars(
+                pieces.evaluate(state, False, None)))
+          stop = guard.should_stop(step)
+          if step % config.ckpt.every_steps == 0 or step == total or stop:
+            # Never save a state whose loss went non-finite.
+            _check_finite(float(metrics['loss']), step, last_saved)
+            if stop:
+              guard.protect()  # more signals must not kill this save
+            save(step)
+            last_saved = step
+          if stop and step < total:
+            interrupted = True
+            break
+      finally:
+        # Also on errors: finish writing the last good checkpoint (under
+        # the guard: a second SIGTERM now is only logged) and the logs.
+        bar.close()
+        writer.flush()
+        ckpt.wait()
+  except BaseException:
+    # The error being raised says what went wrong; a second one from
+    # Orbax's shutdown would only bury it.
+    try:
+      ckpt.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('closing the checkpointer: %s', e)
+    writer.close()
+    raise
 
   final_step = int(parallel.to_host(state.step))
   summary = dict(step=final_step, interrupted=interrupted)

@@ -420,7 +420,8 @@ def prepare(config: mlc.ConfigDict) -> runner.Setup:
   return runner.prepare(FAMILY, config)
 
 
-def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *,
+                       allow_changes: tuple[str, ...] = ()) -> dict[str, Any]:
   """Trains SupReMix (or a baseline) per ``config`` in ``workdir``.
 
   Usable from Colab without absl: ``train_and_evaluate(get_config(),
@@ -430,6 +431,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   Args:
     config: a config from ``configs/supremix.py``.
     workdir: run directory.
+    allow_changes: config fields allowed to differ from the checkpoint
+      being resumed (see `hnjax.train.workdir.check_resume`).
 
   Returns:
     A summary dict: ``step``, ``interrupted``, the probe's test metrics
@@ -437,4 +440,5 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     group), the baselines' ``untrained_mae`` / ``raw_mae``,
     ``state_fingerprint``, ``wall_s``.
   """
-  return runner.train_and_evaluate(FAMILY, config, workdir)
+  return runner.train_and_evaluate(FAMILY, config, workdir,
+                                  allow_changes=allow_changes)

@@ -24,6 +24,7 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
+from absl import logging
 import numpy as np
 import tensorboardX
 import tqdm
@@ -188,8 +189,9 @@ class MetricWriter:
   def truncate_after(self, step: int | None) -> None:
     """Forgets everything logged after ``step`` (call it on resume).
 
-    Drops JSON lines with ``"step" > step`` (and a torn last line from a
-    crash), rewriting each file atomically, and reopens the TensorBoard writer
+    Drops JSON lines with ``"step" > step``, a torn last line from a
+    crash, and damaged lines (with a warning), rewriting each file
+    atomically, and reopens the TensorBoard writer
     with ``purge_step=step + 1`` so TensorBoard hides the old events from that
     step on.
 
@@ -204,13 +206,17 @@ class MetricWriter:
       path = os.path.join(self.workdir, filename)
       if not os.path.exists(path):
         continue
-      with open(path) as f:
-        kept = [
-            line
-            for line in f
-            if (r := runlog.parse_line(line)) is not None
-            and r['step'] <= keep_upto
-        ]
+      kept, damaged = [], 0
+      with open(path, encoding='utf-8', errors='replace') as f:
+        for line in f:
+          record = runlog.parse_line(line)
+          if record is None:
+            # A torn last line is expected after a crash; others are not.
+            damaged += bool(line.endswith('\n') and line.strip())
+          elif record['step'] <= keep_upto:
+            kept.append(line)
+      if damaged:
+        logging.warning('%s: skipped %d damaged line(s)', path, damaged)
       with open(path + '.tmp', 'w') as f:
         f.writelines(kept)
       os.replace(path + '.tmp', path)
