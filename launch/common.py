@@ -74,6 +74,7 @@ def _main(argv, family: str) -> None:
   trainer = importlib.import_module(f'hnjax.train.{family}')
   # pylint: disable=g-import-not-at-top
   from hnjax import checkpoint
+  from hnjax.data import sources
   from hnjax.train import workdir as workdir_lib
   # pylint: enable=g-import-not-at-top
   jax.config.parse_flags_with_absl()
@@ -101,7 +102,7 @@ def _main(argv, family: str) -> None:
   try:
     summary = trainer.train_and_evaluate(
         config, workdir, allow_changes=tuple(_ALLOW_CHANGES.value))
-  except workdir_lib.WorkdirError as e:
+  except (workdir_lib.WorkdirError, sources.DataReadError) as e:
     _error(str(e))
   except FloatingPointError as e:
     print(f'hnjax: stopped: {e}', file=sys.stderr)

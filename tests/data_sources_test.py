@@ -1,5 +1,6 @@
 """Tests for reading real datasets (cifar, imagenet2012, imagenet100)."""
 
+import glob
 import io
 import os
 import shutil
@@ -54,6 +55,24 @@ class EmbeddedIntegrityTest(parameterized.TestCase):
                         for l in logs.output), logs.output)
     for k, v in source.get_batch(rows).items():
       np.testing.assert_array_equal(v, expected[k], err_msg=k)
+
+
+class DamagedRealDataTest(absltest.TestCase):
+
+  def test_truncated_file_names_the_dataset_directory(self):
+    data_dir = tempfile.mkdtemp()
+    testing.make_fake_imagenet(data_dir, num_train=8)
+    version_dir = os.path.dirname(glob.glob(
+        os.path.join(data_dir, 'imagenet2012', '*', '*train.array_record*'))[0])
+    path = glob.glob(os.path.join(version_dir, '*train.array_record*'))[0]
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+    source = sources.get_source('imagenet2012', 'train', data_dir=data_dir)
+    with self.assertRaises(sources.DataReadError) as cm:
+      source.get_batch(np.arange(8))
+    self.assertIn(f'from {version_dir} (a damaged or truncated file?)',
+                  str(cm.exception))
+    self.assertNotIn('\n', str(cm.exception))
 
 
 class MissingDataTest(parameterized.TestCase):

@@ -142,6 +142,17 @@ class DatasetInfo:
   std: tuple[float, ...]
 
 
+class DataReadError(OSError):
+  """Examples of a prepared dataset could not be read or decoded (a damaged
+  or truncated file); the message names the dataset directory and rows."""
+
+
+def _where(base):
+  """The directory of a tfds data source's files, for error messages."""
+  info = getattr(base, 'dataset_info', None)
+  return getattr(info, 'data_dir', None) or repr(base)
+
+
 class Source:
   """Random access to the examples of one split, as dicts of numpy values.
 
@@ -218,13 +229,22 @@ class Source:
     base_rows = rows if self._rows is None else self._rows[rows]
     keys = [int(r) for r in base_rows]
     try:
-      examples = self._base.__getitems__(keys)  # batched (parallel) reads
-    except TypeError:
-      # tfds 4.9.10's `mock_data` patches `__getitems__` without `self`.
-      examples = [self._base[k] for k in keys]
-    if self._parse is not None:
-      examples = [self._parse(r) for r in examples]
-    return [self._convert(ex, r) for ex, r in zip(examples, rows)]
+      try:
+        examples = self._base.__getitems__(keys)  # batched (parallel) reads
+      except TypeError:
+        # tfds 4.9.10's `mock_data` patches `__getitems__` without `self`.
+        examples = [self._base[k] for k in keys]
+      if self._parse is not None:
+        examples = [self._parse(r) for r in examples]
+      return [self._convert(ex, r) for ex, r in zip(examples, rows)]
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      # Decoders and readers raise anything (PIL, protobuf, ArrayRecord);
+      # say which files, not only what failed deep inside.
+      shown = keys if len(keys) <= 8 else f'{keys[:8]}...'
+      raise DataReadError(
+          f'could not read records {shown} from {_where(self._base)} (a '
+          f'damaged or truncated file?): {type(e).__name__}: '
+          f'{" ".join(str(e).split())[:200]}') from e
 
   def get_batch(self, rows, fields=None):
     """Reads examples ``rows`` and stacks them.

@@ -7,6 +7,8 @@ evaluation). The runner owns the rest, the same for every family:
 
 1. prepare: the mesh, the config checks, the data, the schedule length;
    all before anything is written, so a bad config leaves no trace;
+   then the workdir (`hnjax.train.workdir`): usable, locked for this run,
+   and, when it holds checkpoints, saved by this same config;
 2. restore or init: the newest good checkpoint of the workdir; otherwise a
    fresh state, optionally with the parameters of another run
    (``config.init_from``);
@@ -14,8 +16,8 @@ evaluation). The runner owns the rest, the same for every family:
    donating the state; a progress bar; scalars every ``log_every_steps``
    and histograms of per-example metrics every ``hist_every_steps``; a stop
    on a non-finite loss that names the step; evaluation every
-   ``eval.every_steps``; checkpoints every ``ckpt.every_steps``; SIGTERM or
-   Ctrl-C save and return;
+   ``eval.every_steps``; checkpoints every ``ckpt.every_steps`` (a failed
+   one stops the run); SIGTERM or Ctrl-C save and return;
 4. the summary: final evaluation, the state fingerprint, plots.
 
 A family's step is a plain function ``step(state, batch) -> (state,
