@@ -100,5 +100,34 @@ class GeometryTest(parameterized.TestCase):
       geometry.alignment(np.ones((2, 3)), np.ones((3, 3)))
 
 
+
+class ModalityTest(parameterized.TestCase):
+
+  def test_modality_gap_matches_numpy(self):
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(9, 5)) + 1.0, rng.normal(size=(4, 5)) - 1.0
+    want = np.linalg.norm(_unit(x).mean(0) - _unit(y).mean(0))
+    self.assertAlmostEqual(geometry.modality_gap(x, y), want, places=5)
+    self.assertAlmostEqual(geometry.modality_gap(x, x), 0.0, places=6)
+    with self.assertRaisesRegex(ValueError, 'same D'):
+      geometry.modality_gap(x, y[:, :3])
+
+  @parameterized.parameters((7, 1024), (7, 3), (8, 1))
+  def test_relative_alignment_matches_numpy(self, n, chunk_size):
+    # rel_lalign_torch(text, image): mean_i |t_i - v_i|^2 - min_{j!=i}
+    # |t_i - v_j|^2, written out with loops.
+    rng = np.random.default_rng(n)
+    t, v = _unit(rng.normal(size=(n, 4))), _unit(rng.normal(size=(n, 4)))
+    terms = []
+    for i in range(n):
+      others = [np.sum((t[i] - v[j]) ** 2) for j in range(n) if j != i]
+      terms.append(np.sum((t[i] - v[i]) ** 2) - min(others))
+    self.assertAlmostEqual(
+        geometry.relative_alignment(t, v, chunk_size=chunk_size),
+        np.mean(terms), places=5)
+    with self.assertRaisesRegex(ValueError, 'B >= 2'):
+      geometry.relative_alignment(t[:1], v[:1])
+
+
 if __name__ == '__main__':
   absltest.main()

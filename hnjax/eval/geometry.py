@@ -144,3 +144,120 @@ def _pair_logsumexp(x, t, *, chunk_size, normalize):
     return jax.nn.logsumexp(jnp.where(valid, -t * d2, -jnp.inf))
 
   return jax.nn.logsumexp(jax.lax.map(chunk_lse, (rows, starts)))
+
+
+def modality_gap(
+    x: jax.typing.ArrayLike,
+    y: jax.typing.ArrayLike,
+    *,
+    normalize: bool = True,
+) -> float:
+  """Distance between the centroids of two modalities' embeddings.
+
+  .. math:: \\lVert \\bar{x} - \\bar{y} \\rVert_2
+
+  CLIP's image and text embeddings occupy two separate cones of the sphere
+  (Liang et al., 2022); m²-mix's mixtures live in the gap between them.
+
+  Args:
+    x: ``[N, D]`` embeddings of one modality (e.g. images).
+    y: ``[M, D]`` embeddings of the other (e.g. captions).
+    normalize: L2-normalise rows first.
+
+  Returns:
+    The gap, in ``[0, 2]`` for unit vectors.
+
+  Raises:
+    ValueError: if either is not ``[N, D]`` with ``N > 0`` or the ``D``
+      differ.
+
+  Examples:
+    >>> from hnjax.eval import geometry
+    >>> geometry.modality_gap([[1., 0.], [1., 0.]], [[0., 1.]])  # sqrt(2)
+    1.4142135381698608
+
+  References:
+    Liang et al., "Mind the Gap: Understanding the Modality Gap in
+    Multi-modal Contrastive Representation Learning", NeurIPS 2022,
+    https://arxiv.org/abs/2203.02053
+  """
+  x, y = _arrays.to_local(x), _arrays.to_local(y)
+  if (x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]
+      or not x.shape[0] or not y.shape[0]):
+    raise ValueError(f'x and y must be [N, D] with N > 0 and the same D, got '
+                     f'{x.shape} and {y.shape}')
+  return float(_gap(x, y, normalize=normalize))
+
+
+@functools.partial(jax.jit, static_argnames='normalize')
+def _gap(x, y, *, normalize):
+  x, y = _prepare(x, normalize), _prepare(y, normalize)
+  return jnp.linalg.norm(jnp.mean(x, axis=0) - jnp.mean(y, axis=0))
+
+
+def relative_alignment(
+    x: jax.typing.ArrayLike,
+    y: jax.typing.ArrayLike,
+    *,
+    normalize: bool = True,
+    chunk_size: int = 1024,
+) -> float:
+  """m²-mix's "alignment": how much closer a pair is than the nearest other.
+
+  .. math:: \\frac{1}{B} \\sum_i \\Big( \\lVert x_i - y_i \\rVert^2 -
+      \\min_{j \\ne i} \\lVert x_i - y_j \\rVert^2 \\Big)
+
+  The code-parity metric of the m²-mix repository (``rel_lalign_torch(text,
+  image)``: pass ``x=text, y=image``); lower is better, negative when every
+  pair is closer than any mismatch. (Its "uniformity" is
+  ``uniformity(concatenate([image, image]))``: image-only, duplicates
+  included.) Memory is ``O(chunk_size * B)``.
+
+  Args:
+    x: ``[B, D]`` embeddings (text in the paper's code).
+    y: ``[B, D]`` their pairs (images), ``B >= 2``.
+    normalize: L2-normalise rows first.
+    chunk_size: rows per chunk.
+
+  Returns:
+    The relative alignment, in ``[-4, 4]`` for unit vectors.
+
+  Raises:
+    ValueError: if the shapes differ or are not ``[B, D]`` with ``B >= 2``.
+
+  Examples:
+    >>> from hnjax.eval import geometry
+    >>> x = [[1., 0.], [0., 1.]]
+    >>> geometry.relative_alignment(x, x)  # 0 - |x_i - y_j|^2 = -2
+    -2.0
+  """
+  x, y = _arrays.to_local(x), _arrays.to_local(y)
+  if x.ndim != 2 or x.shape != y.shape or x.shape[0] < 2:
+    raise ValueError(
+        f'x and y must both be [B, D] with B >= 2, got {x.shape} and {y.shape}')
+  if chunk_size < 1:
+    raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
+  return float(_relative_alignment(
+      x, y, chunk_size=min(chunk_size, x.shape[0]), normalize=normalize))
+
+
+@functools.partial(jax.jit, static_argnames=('chunk_size', 'normalize'))
+def _relative_alignment(x, y, *, chunk_size, normalize):
+  x, y = _prepare(x, normalize), _prepare(y, normalize)
+  n, dim = x.shape
+  pad = -n % chunk_size
+  rows = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, chunk_size, dim)
+  starts = jnp.arange(rows.shape[0]) * chunk_size
+  sq_y = jnp.sum(y * y, axis=-1)
+
+  def chunk(args):  # [chunk, D], [] -> [chunk] nearest mismatch distance^2
+    xc, start = args
+    i = start + jnp.arange(chunk_size)[:, None]
+    dots = jnp.matmul(xc, y.T, precision=jax.lax.Precision.HIGHEST)
+    d2 = jnp.maximum(jnp.sum(xc * xc, -1, keepdims=True) + sq_y[None, :]
+                     - 2 * dots, 0.0)
+    return jnp.min(jnp.where(i != jnp.arange(n)[None, :], d2, jnp.inf), 1)
+
+  nearest = jax.lax.map(chunk, (rows, starts)).reshape(-1)[:n]
+  own = jnp.sum((x - y) ** 2, axis=-1)
+  return jnp.mean(own - nearest)
