@@ -193,3 +193,50 @@ def retrieval_metrics(
   if 1 in ks:
     out['r1sum'] = out['i2t_r1'] + out['t2i_r1']
   return out
+
+
+def caption_accuracy(
+    image_embeddings: jax.typing.ArrayLike,
+    caption_embeddings: jax.typing.ArrayLike,
+    negative_embeddings: jax.typing.ArrayLike,
+    eligible: jax.typing.ArrayLike | None = None,
+) -> float:
+  """How often an image prefers its caption to a hard negative, in percent.
+
+  SugarCrepe's protocol: example ``i`` counts as correct when
+  ``v_i . t_i > v_i . n_i`` (a tie is wrong). See
+  `hnjax.data.captions.hard_negatives`.
+
+  Args:
+    image_embeddings: ``[N, D]``.
+    caption_embeddings: ``[N, D]``, the true captions.
+    negative_embeddings: ``[N, D]``, one negative caption per image.
+    eligible: optional ``[N]`` bool, the examples that have a negative.
+
+  Returns:
+    The accuracy over the eligible examples (NaN if none, or if an
+    embedding is not finite).
+
+  Raises:
+    ValueError: if the shapes differ.
+
+  Examples:
+    >>> from hnjax.eval import retrieval
+    >>> v = jnp.array([[1., 0.], [0., 1.]])
+    >>> retrieval.caption_accuracy(v, v, v[::-1])
+    100.0
+  """
+  v = np.asarray(_arrays.to_local(image_embeddings), np.float64)
+  t = np.asarray(_arrays.to_local(caption_embeddings), np.float64)
+  n = np.asarray(_arrays.to_local(negative_embeddings), np.float64)
+  if v.ndim != 2 or v.shape != t.shape or v.shape != n.shape:
+    raise ValueError(f'the three embeddings must share one [N, D] shape, got '
+                     f'{v.shape}, {t.shape} and {n.shape}')
+  ok = np.ones(len(v), bool) if eligible is None else np.asarray(eligible,
+                                                                  bool)
+  if ok.shape != (len(v),):
+    raise ValueError(f'eligible must be [N] = [{len(v)}], got {ok.shape}')
+  if not ok.any() or not all(np.isfinite(a).all() for a in (v, t, n)):
+    return float('nan')
+  correct = np.sum(v * t, axis=1) > np.sum(v * n, axis=1)
+  return 100.0 * float(np.mean(correct[ok]))
