@@ -58,6 +58,29 @@ def np_m2mix(v, t, lam, tau):
   return out
 
 
+def np_soft_ce(logits, target):
+  logits = np.asarray(logits, np.float64)
+  mx = logits.max()
+  return -np.sum(target * (logits - (mx + np.log(np.sum(np.exp(logits - mx))))))
+
+
+def np_m3mix(v, t, lam, tau, term, original_neg=False):
+  """changdaeoh/multimodal-mixup: the mixed logits, then calc_mix_loss's
+  clip_loss (mean of row and column soft CEs) over the whole matrix."""
+  v, t = np.asarray(v, np.float64), np.asarray(t, np.float64)
+  n = v.shape[0]
+  a = np_slerp(v, v[::-1], lam) if term in ('vmix', 'vlmix') else v
+  b = np_slerp(t, t[::-1], lam) if term in ('lmix', 'vlmix') else t
+  logits = a @ b.T / tau
+  eye, flip = np.eye(n), np.flip(np.eye(n), axis=0)
+  target = eye + flip if term == 'vlmix' else lam * eye + (1 - lam) * flip
+  if original_neg:
+    logits = np.where(eye + flip > 0, logits, v @ t.T / tau)
+  return np.array([0.5 * (np_soft_ce(logits[i], target[i]) +
+                          np_soft_ce(logits[:, i], target[:, i]))
+                   for i in range(n)])
+
+
 class SymmetricInfoNCETest(parameterized.TestCase):
 
   def setUp(self):
@@ -262,6 +285,75 @@ class M2MixTest(parameterized.TestCase):
       losses.m2mix(self.v, self.t, 0.5, temperature=0.0)
     with self.assertRaisesRegex(ValueError, 'image and text'):
       losses.m2mix(self.v, self.t[:3], 0.5)
+
+
+
+class M3MixTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(6)
+    # Even, as the paper's batches: with an odd batch the middle pair is its
+    # own partner and the authors' slerp divides 0 by 0 (see below).
+    self.v = testing.unit(rng, 6, 4)
+    self.t = testing.unit(rng, 6, 4)
+
+  @parameterized.parameters('vmix', 'lmix')
+  def test_lam_one_is_clip(self, term):
+    # Nothing mixed and targets I: the symmetric InfoNCE of CLIP.
+    np.testing.assert_allclose(
+        losses.m3mix(self.v, self.t, 1.0, term=term, temperature=0.1),
+        losses.symmetric_info_nce(self.v, self.t, temperature=0.1),
+        rtol=1e-5)
+
+  def test_hand_computed_vlmix(self):
+    # lam=1, two orthogonal pairs: logits v t^T = I, targets I + J = ones.
+    v = jnp.eye(2)
+    out = losses.m3mix(v, v, 1.0, term='vlmix', temperature=1.0)
+    # Each row and column: -(log p_same + log p_other), p = e/(e+1), 1/(e+1).
+    expected = 2 * math.log(1 + math.e) - 1.0
+    np.testing.assert_allclose(out, [expected] * 2, rtol=1e-6)
+
+  @parameterized.product(term=('vmix', 'lmix', 'vlmix'), lam=(0.2, 0.7),
+                         original=(False, True))
+  def test_matches_numpy(self, term, lam, original):
+    out = losses.m3mix(self.v, self.t, lam, term=term, temperature=0.05,
+                       original_negatives=original)
+    np.testing.assert_allclose(
+        out, np_m3mix(self.v, self.t, lam, 0.05, term, original), rtol=1e-4)
+
+  @parameterized.parameters('vmix', 'lmix', 'vlmix')
+  def test_gradients_and_jit(self, term):
+    # Normalised inside, as embeddings are upstream (see M2MixTest).
+    tau = 0.5
+    jnorm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    nnorm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    f = lambda v, t: losses.m3mix(jnorm(v), jnorm(t), 0.3, term=term,
+                                  temperature=tau).sum()
+    g = jax.grad(f, (0, 1))(self.v, self.t)
+    g_jit = jax.jit(jax.grad(f, (0, 1)))(self.v, self.t)
+    ref_v = testing.numeric_grad(
+        lambda v: np_m3mix(nnorm(v), self.t, 0.3, tau, term).sum(), self.v)
+    ref_t = testing.numeric_grad(
+        lambda t: np_m3mix(self.v, nnorm(t), 0.3, tau, term).sum(), self.t)
+    for got, jit_got, ref in ((g[0], g_jit[0], ref_v),
+                              (g[1], g_jit[1], ref_t)):
+      np.testing.assert_allclose(got, ref, atol=1e-4)
+      np.testing.assert_allclose(jit_got, got, rtol=1e-5, atol=1e-6)
+
+  def test_odd_batch_middle_pair_is_finite(self):
+    # The middle pair mixes with itself: hnjax's slerp returns it (the
+    # authors' sin-formula gives 0/0 = NaN there).
+    v, t = self.v[:5], self.t[:5]
+    f = lambda v: losses.m3mix(v, t, 0.3, term='vlmix').sum()
+    self.assertTrue(testing.all_finite(f(v)))
+    self.assertTrue(testing.all_finite(jax.grad(f)(v)))
+
+  def test_bad_input(self):
+    with self.assertRaisesRegex(ValueError, "term must be one of .* 'mix'"):
+      losses.m3mix(self.v, self.t, 0.5, term='mix')
+    with self.assertRaisesRegex(ValueError, 'lam must be a scalar'):
+      losses.m3mix(self.v, self.t, jnp.ones(5), term='vmix')
 
 
 if __name__ == '__main__':

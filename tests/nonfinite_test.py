@@ -136,6 +136,8 @@ class InBatchNonFiniteTest(parameterized.TestCase):
         losses.symmetric_info_nce(a, b, temperature=0.1))))
     self.assertTrue(np.all(np.isnan(losses.m2mix(a, b, 0.5))))
     self.assertTrue(np.all(np.isnan(losses.m2mix(b, b, jnp.nan))))
+    for term in losses.M3MIX_TERMS:
+      self.assertTrue(np.all(np.isnan(losses.m3mix(a, b, 0.5, term=term))))
 
   def test_sigmoid_row_of_a_and_every_b(self):
     a, b, _ = _data()
@@ -229,6 +231,7 @@ TEMPERATURE_FNS = dict(
     sigmoid_contrastive=lambda t: losses.sigmoid_contrastive(
         _Q, _K, scale=t, bias=0.0),
     m2mix=lambda t: losses.m2mix(_Q, _K, 0.5, temperature=t),
+    m3mix=lambda t: losses.m3mix(_Q, _K, 0.5, term='vlmix', temperature=t),
     sup_con=lambda t: losses.sup_con(_Z, _Y.astype(np.int32), temperature=t),
     supremix=lambda t: losses.supremix(KEY, _Z, _Y, temperature=t,
                                        window=2.0),
@@ -289,6 +292,7 @@ EMPTY = dict(
     sigmoid_contrastive=lambda: losses.sigmoid_contrastive(
         _E, _E, scale=1.0, bias=0.0),
     m2mix=lambda: losses.m2mix(_E, _E, 0.5),
+    m3mix=lambda: losses.m3mix(_E, _E, 0.5, term='vmix'),
     sup_con=lambda: losses.sup_con(_E, _E_INT, temperature=0.2),
     supremix=lambda: losses.supremix(KEY, _E, _E_Y),
     rank_n_contrast=lambda: losses.rank_n_contrast(_E, _E_Y),

@@ -5,7 +5,9 @@ Every loss returns one value per example (``[B]`` or ``[N]``); reduce with
 computed in float32 whatever the input dtype.
 """
 
+from hnjax.losses._in_batch import M3MIX_TERMS
 from hnjax.losses._in_batch import m2mix
+from hnjax.losses._in_batch import m3mix
 from hnjax.losses._in_batch import sigmoid_contrastive
 from hnjax.losses._in_batch import symmetric_info_nce
 from hnjax.losses._queue import hard_contrastive
@@ -21,6 +23,7 @@ __all__ = [
     'hard_contrastive',
     'info_nce',
     'm2mix',
+    'm3mix',
     'mochi_info_nce',
     'rank_n_contrast',
     'sigmoid_contrastive',

@@ -158,6 +158,7 @@ def m2mix(
     lam: jax.typing.ArrayLike,
     *,
     temperature: float = 0.07,
+    axis_name: str | None = None,
 ) -> jax.Array:
   """The m²-mix term: hard negatives mixed across the modality gap.
 
@@ -181,8 +182,11 @@ def m2mix(
   Args:
     image: ``[B, D]`` unit-norm image embeddings.
     text: ``[B, D]`` unit-norm text embeddings.
-    lam: scalar mixing weight on the image, in ``[0, 1]``.
+    lam: scalar mixing weight on the image, in ``[0, 1]`` (the same on
+      every device).
     temperature: ``τ₂ > 0`` (0.07 in the paper's scripts).
+    axis_name: mesh axis the batch is sharded over: each device's pairs
+      against the global batch's mixtures (gathered with gradient), or None.
 
   Returns:
     ``[B]`` float32 per-pair losses.
@@ -200,18 +204,113 @@ def m2mix(
   """
   v, t = _pair('image', image, 'text', text)
   _checks.positive('temperature', temperature)
+  _checks.axis_size(axis_name)
   if jnp.ndim(lam) != 0:
     raise ValueError(f'lam must be a scalar, got shape {jnp.shape(lam)}')
-  m = geodesic.geodesic_mix(v, t, lam)
-  eye = jnp.eye(v.shape[0], dtype=bool)
+  rows = parallel.local_rows(v.shape[0], axis_name)
+  v_all, t_all = parallel.gather(v, axis_name), parallel.gather(t, axis_name)
+  m = geodesic.geodesic_mix(v_all, t_all, lam)  # [G, D]
+  own = rows[:, None] == jnp.arange(v_all.shape[0])[None, :]
   diag = jnp.sum(v * t, axis=-1)
   temperature = numerics.valid_scale(temperature)
-  logits_img = jnp.where(eye, diag[:, None], v @ m.T) / temperature
-  logits_txt = jnp.where(eye, diag[:, None], t @ m.T) / temperature
-  labels = jnp.arange(v.shape[0])
-  loss = (_cross_entropy(logits_img, labels, 0.0) +
-          _cross_entropy(logits_txt, labels, 0.0))
+  logits_img = jnp.where(own, diag[:, None], v @ m.T) / temperature
+  logits_txt = jnp.where(own, diag[:, None], t @ m.T) / temperature
+  loss = (_cross_entropy(logits_img, rows, 0.0) +
+          _cross_entropy(logits_txt, rows, 0.0))
   # Every pair's loss reads every pair's mixture.
-  bad = ~(jnp.all(jnp.isfinite(v)) & jnp.all(jnp.isfinite(t))
+  bad = ~(jnp.all(jnp.isfinite(v_all)) & jnp.all(jnp.isfinite(t_all))
           & jnp.isfinite(jnp.asarray(lam)))
+  return numerics.nan_where(bad, loss)
+
+
+def _soft_cross_entropy(logits, targets):
+  """Per-row ``-sum_j targets_j log softmax(logits)_j`` (targets as given)."""
+  log_p = logits - bank_lib.logsumexp(logits)[:, None]
+  return -jnp.sum(jnp.where(targets > 0, targets * log_p, 0.0), axis=1)
+
+
+M3MIX_TERMS = ('vmix', 'lmix', 'vlmix')
+
+
+def m3mix(
+    image: jax.typing.ArrayLike,
+    text: jax.typing.ArrayLike,
+    lam: jax.typing.ArrayLike,
+    *,
+    term: str,
+    temperature: float = 0.01,
+    original_negatives: bool = False,
+    axis_name: str | None = None,
+) -> jax.Array:
+  """One of m³-mix's uni-modal mixing terms (V-mix, L-mix, VL-mix).
+
+  Each pair ``i`` is mixed with its flipped partner ``i' = G - 1 - i`` on
+  the sphere, ``x̂_i = geodesic_mix(x_i, x_{i'}, λ)``: the images
+  (``'vmix'``: logits ``v̂ tᵀ / τ``), the texts (``'lmix'``: ``v t̂ᵀ / τ``)
+  or both with the same λ (``'vlmix'``: ``v̂ t̂ᵀ / τ``). Targets are soft:
+  ``λ I + (1 - λ) J`` for V-mix and L-mix and ``I + J`` (not normalised, as
+  in the code) for VL-mix, with ``J`` the flipped identity. Pair ``i`` gets
+  the mean of its row's and its column's soft cross-entropies, as
+  changdaeoh/multimodal-mixup's ``calc_mix_loss`` / ``clip_loss``
+  (ALGORITHMS.md §5.4). ``original_negatives`` (the code's
+  ``--original_neg``) puts the un-mixed logits ``v tᵀ / τ`` back in every
+  cell whose target is 0.
+
+  Args:
+    image: ``[B, D]`` unit-norm image embeddings.
+    text: ``[B, D]`` unit-norm text embeddings.
+    lam: scalar mixing weight on the pair itself, in ``[0, 1]`` (the same on
+      every device).
+    term: ``'vmix'``, ``'lmix'`` or ``'vlmix'``.
+    temperature: ``τ > 0`` (the CLIP temperature, 0.01 in the paper).
+    original_negatives: keep un-mixed logits off the targets.
+    axis_name: mesh axis the batch is sharded over (the flipped partner and
+      the columns come from the global batch, gathered with gradient), or
+      None.
+
+  Returns:
+    ``[B]`` float32 per-pair losses; their mean is the code's term.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from hnjax.losses import m3mix
+    >>> v = jnp.eye(4, 3)
+    >>> m3mix(v, v, 1.0, term='vmix', temperature=1.0).shape
+    (4,)
+
+  References:
+    Oh et al., "Geodesic Multi-Modal Mixup for Robust Fine-Tuning",
+    NeurIPS 2023, https://arxiv.org/abs/2203.03897
+  """
+  v, t = _pair('image', image, 'text', text)
+  _checks.one_of('term', term, M3MIX_TERMS)
+  _checks.positive('temperature', temperature)
+  _checks.axis_size(axis_name)
+  if jnp.ndim(lam) != 0:
+    raise ValueError(f'lam must be a scalar, got shape {jnp.shape(lam)}')
+  lam = jnp.asarray(lam, jnp.float32)
+  rows = parallel.local_rows(v.shape[0], axis_name)
+  v_all, t_all = parallel.gather(v, axis_name), parallel.gather(t, axis_name)
+  g = v_all.shape[0]
+  mix = lambda x: geodesic.geodesic_mix(x, x[::-1], lam)  # pylint: disable=unnecessary-lambda-assignment
+  a_all = mix(v_all) if term in ('vmix', 'vlmix') else v_all
+  b_all = mix(t_all) if term in ('lmix', 'vlmix') else t_all
+  cols = jnp.arange(g)[None, :]
+  flip = (g - 1 - rows)[:, None]
+  own, partner = cols == rows[:, None], cols == flip
+  if term == 'vlmix':
+    targets = own.astype(jnp.float32) + partner.astype(jnp.float32)
+  else:
+    targets = lam * own + (1.0 - lam) * partner
+  inv_t = 1.0 / numerics.valid_scale(temperature)
+  row_logits = a_all[rows] @ b_all.T * inv_t  # row i of v̂ t̂ᵀ
+  col_logits = b_all[rows] @ a_all.T * inv_t  # column i, as a row
+  if original_negatives:
+    off = ~(own | partner)
+    row_logits = jnp.where(off, v @ t_all.T * inv_t, row_logits)
+    col_logits = jnp.where(off, t @ v_all.T * inv_t, col_logits)
+  loss = 0.5 * (_soft_cross_entropy(row_logits, targets) +
+                _soft_cross_entropy(col_logits, targets))
+  bad = ~(jnp.all(jnp.isfinite(v_all)) & jnp.all(jnp.isfinite(t_all))
+          & jnp.isfinite(lam))
   return numerics.nan_where(bad, loss)
