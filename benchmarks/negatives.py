@@ -21,9 +21,7 @@ XLA's temporary buffer size for the compiled step (arguments excluded).
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,19 +29,11 @@ import numpy as np
 
 from hnjax import losses
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TORCH_PY = os.environ.get('HNJAX_TORCH_PYTHON', '/work/torchvenv/bin/python')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-
-def _time(fn, *args, iters):
-  """Median and min wall time in ms, after one warm-up (compile) call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(times)), 1e3 * float(np.min(times))
+_time = common.time_ms
 
 
 def peak_matmul_gflops(n=2048, iters=5):
@@ -111,27 +101,13 @@ def profile(args, k, iters):
     print(f'  {name}: {_time(fn, *a, iters=iters)[0]:.0f}')
 
 
-def _temp_mb(fn, *args):
-  stats = fn.lower(*args).compile().memory_analysis()
-  return None if stats is None else stats.temp_size_in_bytes / 2**20
-
-
 def _torch_peer(args, k):
-  if args.no_torch or not os.path.exists(_TORCH_PY):
+  if args.no_torch:
     return None
-  code = (
-      'import json, sys; sys.path.insert(0, %r); '
-      'from benchmarks.peers import torch_negatives as t; '
-      'print(json.dumps({"moco": t.time_moco(%d, %d, %d, %r, %d), '
-      '"mochi": t.time_mochi(%d, %d, %d, %d, %d, %d, %r, %d)}))' % (
-          _ROOT, args.B, k, args.D, args.T, args.iters, args.B, k, args.D,
-          args.N, args.s, args.s_prime, args.T, args.iters))
-  out = subprocess.run([_TORCH_PY, '-c', code], capture_output=True,
-                       text=True, check=False, timeout=3600)
-  if out.returncode:
-    print(f'torch peer failed: {out.stderr[-500:]}', file=sys.stderr)
-    return None
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return common.run_peer('torch_negatives', (
+      f'{{"moco": t.time_moco({args.B}, {k}, {args.D}, {args.T!r}, '
+      f'{args.iters}), "mochi": t.time_mochi({args.B}, {k}, {args.D}, '
+      f'{args.N}, {args.s}, {args.s_prime}, {args.T!r}, {args.iters})}}'))
 
 
 def main():
@@ -168,8 +144,8 @@ def main():
       row[f'{name}_moco_ms'] = _time(moco, q, pos, queue, iters=args.iters)[0]
       row[f'{name}_mochi_ms'] = _time(mochi, q, pos, queue,
                                       iters=args.iters)[0]
-      row[f'{name}_moco_mb'] = _temp_mb(moco, q, pos, queue)
-      row[f'{name}_mochi_mb'] = _temp_mb(mochi, q, pos, queue)
+      row[f'{name}_moco_mb'] = common.temp_mb(moco, q, pos, queue)
+      row[f'{name}_mochi_mb'] = common.temp_mb(mochi, q, pos, queue)
     peer = _torch_peer(args, k)
     if peer:
       row['torch_moco_ms'] = peer['moco']['median_ms']

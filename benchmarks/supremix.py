@@ -25,9 +25,7 @@ excluded); for the peer, the process's peak resident memory increase.
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -35,24 +33,9 @@ import numpy as np
 
 from hnjax import losses
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TORCH_PY = os.environ.get('HNJAX_TORCH_PYTHON', '/work/torchvenv/bin/python')
-
-
-def _time(fn, *args, iters):
-  """Median wall time in ms, after one warm-up (compile) call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(times))
-
-
-def _temp_mb(fn, *args):
-  stats = fn.lower(*args).compile().memory_analysis()
-  return None if stats is None else stats.temp_size_in_bytes / 2**20
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def batch(n, d, seed=0):
@@ -96,24 +79,15 @@ def profile(args, n):
   }
   print(f'\nprofile at 2B={n} (median ms):')
   for name, (fn, a) in parts.items():
-    print(f'  {name}: {_time(fn, *a, iters=args.iters):.1f}')
+    print(f'  {name}: {common.time_ms(fn, *a, iters=args.iters)[0]:.1f}')
 
 
 def _torch_peer(args, n):
-  if args.no_torch or not os.path.exists(_TORCH_PY):
+  if args.no_torch:
     return None
-  code = (
-      'import json, sys; sys.path.insert(0, %r); '
-      'from benchmarks.peers import torch_supremix as t; '
-      'print(json.dumps({"supremix": t.time_supremix(%d, %d, %d), '
-      '"supcon": t.time_supcon(%d, %d, %d)}))' % (
-          _ROOT, n, args.D, args.iters, n, args.D, args.iters))
-  out = subprocess.run([_TORCH_PY, '-c', code], capture_output=True,
-                       text=True, check=False, timeout=3600)
-  if out.returncode:
-    print(f'torch peer failed: {out.stderr[-500:]}', file=sys.stderr)
-    return None
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return common.run_peer('torch_supremix', (
+      f'{{"supremix": t.time_supremix({n}, {args.D}, {args.iters}), '
+      f'"supcon": t.time_supcon({n}, {args.D}, {args.iters})}}'))
 
 
 def main():
@@ -140,8 +114,8 @@ def main():
     for name, fn in f.items():
       if name == 'supremix_all_pairs' and n > args.all_pairs_max:
         continue
-      row[f'{name}_ms'] = _time(fn, z, y, iters=args.iters)
-      row[f'{name}_mb'] = _temp_mb(fn, z, y)
+      row[f'{name}_ms'] = common.time_ms(fn, z, y, iters=args.iters)[0]
+      row[f'{name}_mb'] = common.temp_mb(fn, z, y)
     peer = _torch_peer(args, n)
     if peer:
       row['torch_supremix'] = peer['supremix']

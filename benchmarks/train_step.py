@@ -15,9 +15,7 @@ venv; the ratio is peer time / hnjax time.
 
 import argparse
 import functools
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -28,15 +26,13 @@ import numpy as np
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import moco_v2  # pylint: disable=g-import-not-at-top,wrong-import-position
 from hnjax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from hnjax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from hnjax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from hnjax.train import moco  # pylint: disable=g-import-not-at-top,wrong-import-position
 from hnjax.train import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-_TORCH_PY = os.environ.get('HNJAX_TORCH_PYTHON', '/work/torchvenv/bin/python')
-
 
 def time_step(args, k, method, mesh, info):
   config = moco_v2.build('data=cifar10', method=method)
@@ -100,18 +96,11 @@ def augment_images_per_s(batch, iters=5):
 
 
 def torch_peer(args, k):
-  if args.no_torch or not os.path.exists(_TORCH_PY):
+  if args.no_torch:
     return None
-  code = ('import json, sys; sys.path.insert(0, %r); '
-          'from benchmarks.peers import torch_moco_step as t; '
-          'print(json.dumps(t.time_moco_step(batch=%d, K=%d, iters=%d)))' % (
-              _ROOT, args.batch, k, max(2, args.iters // 2)))
-  out = subprocess.run([_TORCH_PY, '-c', code], capture_output=True,
-                       text=True, check=False, timeout=7200)
-  if out.returncode:
-    print(f'torch peer failed: {out.stderr[-500:]}', file=sys.stderr)
-    return None
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return common.run_peer('torch_moco_step', (
+      f't.time_moco_step(batch={args.batch}, K={k}, '
+      f'iters={max(2, args.iters // 2)})'), timeout=7200)
 
 
 def main():
