@@ -22,9 +22,13 @@ from hnjax.models.resnet import ResNet34
 from hnjax.models.resnet import ResNet34Cifar
 from hnjax.models.resnet import ResNet50
 from hnjax.models.resnet import ResNet50Cifar
+from hnjax.models.transformer import TextTransformer
+from hnjax.models.transformer import VisionTransformer
+from hnjax.models.clip import CLIP
 
 __all__ = [
     'BasicBlock',
+    'CLIP',
     'Bottleneck',
     'ConvNet',
     'Encoder',
@@ -40,6 +44,8 @@ __all__ = [
     'ResNet50',
     'ResNet50Cifar',
     'SplitBatchNorm',
+    'TextTransformer',
+    'VisionTransformer',
     'backbone_names',
     'create_encoder',
     'get_head',

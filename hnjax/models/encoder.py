@@ -14,6 +14,7 @@ Models are flax linen modules used only through pure ``init`` / ``apply``::
 """
 
 from collections.abc import Callable
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +25,7 @@ from hnjax.models import convnet
 from hnjax.models import heads
 from hnjax.models import mlp
 from hnjax.models import resnet
+from hnjax.models import transformer
 
 _BACKBONES: dict[str, Callable[..., nn.Module]] = {
     'convnet': convnet.ConvNet,
@@ -34,6 +36,11 @@ _BACKBONES: dict[str, Callable[..., nn.Module]] = {
     'resnet18_cifar': resnet.ResNet18Cifar,
     'resnet34_cifar': resnet.ResNet34Cifar,
     'resnet50_cifar': resnet.ResNet50Cifar,
+    # CLIP-style ViTs for 32x32 images: 4x4 patches, 65 tokens.
+    'vit_tiny': functools.partial(transformer.VisionTransformer, width=64,
+                                  depth=2, heads=4),
+    'vit_small': functools.partial(transformer.VisionTransformer, width=128,
+                                   depth=4, heads=4),
 }
 
 
