@@ -578,9 +578,15 @@ def restore_fields(
   """
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'no checkpoint directory {directory}')
-  mngr = ocp.CheckpointManager(
-      epath.Path(directory), item_names=(_STATE, _META, _FINGERPRINT),
-      options=ocp.CheckpointManagerOptions(read_only=True))
+  # Opening read-only is the point; Orbax warns about it three times.
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    mngr = ocp.CheckpointManager(
+        epath.Path(directory), item_names=(_STATE, _META, _FINGERPRINT),
+        options=ocp.CheckpointManagerOptions(read_only=True))
+  finally:
+    logging.set_verbosity(verbosity)
   try:
     steps = mngr.all_steps()
     if not steps or (step is not None and step not in steps):
@@ -591,6 +597,12 @@ def restore_fields(
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype),
         abstract)
+    # A parameter that cannot fit fails here, before Orbax's readers (which
+    # report it as a storm of asynchronous errors).
+    why = _first_mismatch(os.path.join(directory, str(step), _STATE),
+                          abstract)
+    if why:
+      raise ValueError(f'step {step} in {directory} does not fit: {why}')
     try:
       out = mngr.restore(step, args=ocp.args.Composite(**{
           _STATE: ocp.args.PyTreeRestore(
@@ -604,3 +616,48 @@ def restore_fields(
     return step, dict(out[_STATE])
   finally:
     mngr.close()
+
+
+def _key_name(key) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _first_mismatch(state_dir: str, abstract: dict[str, PyTree]
+                    ) -> str | None:
+  """The first parameter whose saved shape differs from ``abstract``.
+
+  Reads Orbax's tree metadata (key paths and written shapes); None when
+  it cannot tell (unreadable metadata). The written shape of a sharded
+  array is a shard's, so a saved shape that divides the wanted one is not
+  called a mismatch.
+  """
+  try:
+    with open(os.path.join(state_dir, '_METADATA')) as f:
+      tree = json.load(f)['tree_metadata']
+    saved = {}
+    for entry in tree.values():
+      path = tuple(str(k['key']) for k in entry['key_metadata'])
+      saved[path] = entry['value_metadata'].get('write_shape')
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  wanted = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    wanted[tuple(_key_name(k) for k in path)] = tuple(leaf.shape)
+  for path, shape in wanted.items():
+    name = '/'.join(path)
+    if path not in saved:
+      return f'parameter {name} {list(shape)} is not in the checkpoint'
+    got = saved[path]
+    if got is not None and (len(got) != len(shape) or any(
+        g <= 0 or w % g for g, w in zip(got, shape))):
+      return (f'parameter {name} has shape {list(got)} in the '
+              f'checkpoint, {list(shape)} here')
+  fields = {p[0] for p in wanted}
+  for path in saved:
+    if path[0] in fields and path not in wanted:
+      return (f'the checkpoint has parameter {"/".join(path)}, which this '
+              'model lacks')
+  return None
