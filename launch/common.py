@@ -118,8 +118,11 @@ def _main(argv, family: str) -> None:
     if summary['interrupted']:
       print(f'hnjax: interrupted at step {summary["step"]}; checkpoint saved. '
             'Run the same command to resume.')
-    print(' '.join(f'{k}={_format(v)}' for k, v in summary.items()),
-          flush=True)
+    table = getattr(trainer, 'format_summary', lambda s: None)(summary)
+    if table:
+      print(table)
+    print(' '.join(f'{k}={_format(v)}' for k, v in summary.items()
+                   if not isinstance(v, (dict, list))), flush=True)
 
 
 def _format(value):

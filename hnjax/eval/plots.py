@@ -45,6 +45,9 @@ DEFAULT_METRICS = (
     'neg_logit',
     'hard_neg_sim',
     'knn_mae',
+    'r1sum',
+    'logit_scale',
+    'modality_gap',
 )
 
 
@@ -347,6 +350,92 @@ def plot_regression(
   ax.set_title('ordinality: feature distance vs target distance')
   ax.grid(alpha=0.3)
   written.append(_save(fig, os.path.join(workdir, 'ordinality.png')))
+  return written
+
+
+def plot_clip_comparison(
+    workdir: str | os.PathLike[str],
+    rows: dict[str, dict[str, float]],
+    embeddings: dict[str, str | os.PathLike[str]],
+    *,
+    max_points: int = 500,
+) -> list[str]:
+  """The CLIP-mixup study's figures (m²-mix paper, Figs. 1 and 4).
+
+  Writes into ``workdir``:
+
+  - ``uniformity_alignment.png``: one point per row (zero-shot, fine-tuned,
+    m²-mix, ...), Wang & Isola's alignment against uniformity (lower is
+    better for both);
+  - ``recall_at_k.png``: image→text and text→image R@1/5/10 per row;
+  - ``modality_gap.png``: a 2-D PCA of each run's test image and text
+    embeddings (``max_points`` of each), centroids marked, the gap in the
+    title.
+
+  Args:
+    workdir: output directory.
+    rows: ``{label: metrics}`` with ``uniformity``, ``alignment``,
+      ``i2t_r{1,5,10}``, ``t2i_r{1,5,10}`` where known.
+    embeddings: ``{label: .npz path}`` with ``image`` and ``text``
+      ``[N, D]`` arrays (missing files are skipped).
+    max_points: points per modality in the projection.
+
+  Returns:
+    The paths written.
+  """
+  workdir = os.fspath(workdir)
+  written = []
+  pts = {k: r for k, r in rows.items()
+         if 'uniformity' in r and 'alignment' in r}
+  if pts:
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for label, r in pts.items():
+      ax.scatter(r['alignment'], r['uniformity'], s=50, label=label)
+    ax.set_xlabel('alignment (lower is better)')
+    ax.set_ylabel('uniformity (lower is better)')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    written.append(_save(fig, os.path.join(workdir,
+                                           'uniformity_alignment.png')))
+  ks = (1, 5, 10)
+  curves = {k: r for k, r in rows.items() if 'i2t_r1' in r}
+  if curves:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, side in zip(axes, ('i2t', 't2i')):
+      for label, r in curves.items():
+        ax.plot(ks, [r.get(f'{side}_r{k}', np.nan) for k in ks], marker='o',
+                label=label)
+      ax.set_title({'i2t': 'image → text', 't2i': 'text → image'}[side])
+      ax.set_xlabel('k')
+      ax.set_ylabel('R@k (%)')
+      ax.set_xticks(ks)
+      ax.grid(alpha=0.3)
+    axes[0].legend()
+    written.append(_save(fig, os.path.join(workdir, 'recall_at_k.png')))
+  loaded = {}
+  for label, path in embeddings.items():
+    if os.path.exists(path):
+      with np.load(path) as z:
+        loaded[label] = (z['image'][:max_points], z['text'][:max_points])
+  if loaded:
+    fig, axes = plt.subplots(1, len(loaded), figsize=(4 * len(loaded), 4),
+                             squeeze=False)
+    for ax, (label, (v, t)) in zip(axes[0], loaded.items()):
+      x = np.concatenate([v, t]).astype(np.float64)
+      x = x - x.mean(0)
+      _, _, vt = np.linalg.svd(x, full_matrices=False)
+      p = x @ vt[:2].T
+      pv, pt = p[:len(v)], p[len(v):]
+      ax.scatter(*pv.T, s=4, alpha=0.5, label='image')
+      ax.scatter(*pt.T, s=4, alpha=0.5, label='text')
+      ax.scatter(*pv.mean(0), marker='x', s=80, c='k')
+      ax.scatter(*pt.mean(0), marker='x', s=80, c='k')
+      gap = np.linalg.norm(v.mean(0) - t.mean(0))
+      ax.set_title(f'{label}: gap {gap:.2f}')
+      ax.set_xticks([])
+      ax.set_yticks([])
+    axes[0, 0].legend()
+    written.append(_save(fig, os.path.join(workdir, 'modality_gap.png')))
   return written
 
 

@@ -13,6 +13,9 @@ def learning_rate_schedule(optim: Any, *, batch_size: int,
                            total_steps: int) -> Callable[[int], float]:
   """Linear warm-up then cosine (or constant) decay, scaled by batch size.
 
+  The warm-up lasts ``optim.warmup_epochs`` epochs, or, when the config has
+  a non-zero ``optim.warmup_fraction``, that fraction of ``total_steps``.
+
   The peak learning rate is ``learning_rate * batch_size / lr_base_batch``
   (the linear scaling rule of Goyal et al.).
 
@@ -26,7 +29,10 @@ def learning_rate_schedule(optim: Any, *, batch_size: int,
     An optax schedule ``step -> learning rate``.
   """
   peak = optim.learning_rate * batch_size / optim.lr_base_batch
-  warmup = min(int(optim.warmup_epochs * steps_per_epoch), total_steps - 1)
+  warmup = int(optim.warmup_epochs * steps_per_epoch)
+  if optim.get('warmup_fraction', 0):  # CLIP fine-tuning: 10% of the run
+    warmup = int(optim.warmup_fraction * total_steps)
+  warmup = min(warmup, total_steps - 1)
   if optim.schedule == 'cosine':
     decay = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
   elif optim.schedule == 'step':

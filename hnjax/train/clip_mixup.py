@@ -1,0 +1,618 @@
+"""CLIP pretraining and fine-tuning with geodesic multimodal mixup.
+
+One step (ALGORITHMS.md §5; the same towers, data and budget for every
+objective):
+
+1. images normalised (no augmentation: shapes32's captions name the
+   position, size and colour that crops, flips and colour jitter change)
+   and caption token ids, both from the host;
+2. both towers on the batch, projections L2-normalised;
+3. the objective, inside ``shard_map`` with ``axis_name`` (each device's
+   pairs against the global batch, gathered with gradient; equal to one
+   device):
+
+   * ``clip``: `hnjax.losses.symmetric_info_nce` at the learnable
+     temperature (``learn_temperature``; CLIP's logit scale clamped at 100)
+     or the fixed ``temperature`` (m²-mix fine-tuning: τ = 0.01);
+   * ``m2mix``: CLIP + ``m2mix.weight`` · `hnjax.losses.m2mix` (τ₂ =
+     ``m2mix.temperature``, λ ~ Beta(β, β) once per step) / (epoch + 1);
+   * ``m3mix``: m2mix + the V-, L- and VL-mix terms of
+     `hnjax.losses.m3mix` (their own λ ~ Beta(``m3mix.beta``)), each with
+     its weight, all divided by (epoch + 1);
+   * ``siglip``: `hnjax.losses.sigmoid_contrastive` with the learnable
+     scale and bias;
+
+4. gradients and the optax update (AdamW without weight decay on gains,
+   biases, embeddings' positions and the logit scale, as CLIP).
+
+Two stages share this step: ``stage=pretrain`` trains both towers from
+scratch; ``stage=finetune`` starts from another run's parameters
+(``init_from``). ``stage=both`` (the launcher's default) runs the whole
+study in one workdir: ``pretrain/`` (CLIP), ``finetune_clip/`` (plain
+fine-tuning) and ``finetune_<method>/``, each an ordinary resumable run,
+and compares zero-shot, plain fine-tuning and the method.
+
+Evaluation: image→text and text→image R@1/5/10 and R1Sum over the whole
+split (`hnjax.eval.retrieval`), uniformity and alignment (Wang & Isola,
+over both modalities) and the m²-mix code's variants, the modality gap,
+and hard-negative caption accuracy per swap type (shapes32).
+"""
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+from absl import logging
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import ml_collections as mlc
+import numpy as np
+import optax
+
+from hnjax import losses
+from hnjax import numerics
+from hnjax import parallel
+from hnjax.data import augment
+from hnjax.data import paired
+from hnjax.eval import features as features_lib
+from hnjax.eval import geometry
+from hnjax.eval import retrieval
+from hnjax.models import clip as clip_lib
+from hnjax.train import checks
+from hnjax.train import optim as optim_lib
+from hnjax.train import runner
+from hnjax.train import state as state_lib
+
+METHODS = ('clip', 'm2mix', 'm3mix', 'siglip')
+STAGES = ('pretrain', 'finetune', 'both')
+DATA = parallel.DATA
+# Results kept in a run's summary (metrics.jsonl has every one).
+SUMMARY = ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10',
+           'r1sum', 'uniformity', 'alignment', 'modality_gap',
+           'hard_negative_acc')
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a CLIP run carries from step to step.
+
+  Attributes:
+    step: ``[]`` int32, completed optimizer steps.
+    params: both towers, projections, logit scale and bias (replicated).
+    batch_stats: the image tower's BN statistics (empty for a ViT).
+    opt_state: optax state.
+    rng: typed PRNG key; step ``t`` uses ``fold_in(rng, t)``.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """The static hyperparameters of a step (hashable)."""
+  method: str
+  temperature: float
+  learn_temperature: bool
+  m2mix_weight: float
+  m2mix_beta: float
+  m2mix_temperature: float
+  m3mix_weights: tuple[tuple[str, float], ...]
+  m3mix_beta: float
+  original_negatives: bool
+  schedule: bool
+  steps_per_epoch: int
+  image_size: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+
+# ----------------------------------------------------------------------------
+# Config checks: all before any compilation or any file is written.
+# ----------------------------------------------------------------------------
+
+
+def validate(config: mlc.ConfigDict, num_devices: int) -> None:
+  """Raises checks.ConfigError naming the first impossible CLIP-mixup field.
+
+  The fields every family shares are checked by `checks.common` first.
+  """
+  del num_devices
+  checks.one_of(config, 'method', METHODS)
+  checks.one_of(config, 'stage', STAGES)
+  checks.positive(config, 'temperature', 'm2mix.beta', 'm2mix.temperature',
+                  'm3mix.beta', 'model.embed_dim', 'text.width',
+                  'text.depth', 'text.heads', 'text.vocab_size')
+  for field in ('m2mix.weight', 'm3mix.vmix', 'm3mix.lmix', 'm3mix.vlmix'):
+    value = checks.get(config, field)
+    checks.require(np.isfinite(value) and value >= 0, field, value,
+                   'must be >= 0')
+  checks.require(0 <= config.optim.get('warmup_fraction', 0) < 1,
+                 'optim.warmup_fraction', config.optim.get('warmup_fraction'),
+                 'must be in [0, 1)')
+  checks.require(config.text.context_length >= 2, 'text.context_length',
+                 config.text.context_length,
+                 'must be >= 2 (the start and end tokens)')
+  checks.require(config.text.width % config.text.heads == 0, 'text.width',
+                 config.text.width,
+                 f'must be divisible by text.heads={config.text.heads}')
+  checks.require(config.data.name in paired.DATASETS, 'data.name',
+                 config.data.name, f'not an image-caption dataset; known: '
+                 f'{paired.DATASETS}')
+  if config.stage == 'finetune':
+    checks.require(bool(config.init_from), 'init_from', config.init_from,
+                   'stage=finetune starts from another run: set '
+                   '--config.init_from=<its workdir>')
+  if config.stage == 'both':
+    checks.require(not config.init_from, 'init_from', config.init_from,
+                   'stage=both pretrains its own towers; use stage=finetune '
+                   'to start from another run')
+    checks.positive(config, 'pretrain.num_steps', 'pretrain.learning_rate',
+                    'pretrain.temperature')
+
+
+# ----------------------------------------------------------------------------
+# The step.
+# ----------------------------------------------------------------------------
+
+
+def _objective_body(v, t, scale, bias, lam, lam3, epoch, *, cfg):
+  """Per-device body: ``(total [B], terms)``, each term ``[B]`` per pair."""
+  if cfg.method == 'siglip':
+    loss = losses.sigmoid_contrastive(v, t, scale=scale, bias=bias,
+                                      axis_name=DATA)
+    return loss, {'siglip': loss}
+  clip = losses.symmetric_info_nce(v, t, temperature=1.0 / scale,
+                                   axis_name=DATA)
+  terms, mix = {'clip': clip}, jnp.zeros_like(clip)
+  if cfg.method in ('m2mix', 'm3mix') and cfg.m2mix_weight > 0:
+    terms['m2mix'] = losses.m2mix(v, t, lam,
+                                  temperature=cfg.m2mix_temperature,
+                                  axis_name=DATA)
+    mix = mix + cfg.m2mix_weight * terms['m2mix']
+  if cfg.method == 'm3mix':
+    for term, weight in cfg.m3mix_weights:
+      if weight > 0:
+        terms[term] = losses.m3mix(
+            v, t, lam3, term=term, temperature=1.0 / scale,
+            original_negatives=cfg.original_negatives, axis_name=DATA)
+        mix = mix + weight * terms[term]
+  # §5.3: the mixing terms decay as 1, 1/2, 1/3, ... over (0-based) epochs.
+  decay = 1.0 / (epoch + 1.0) if cfg.schedule else 1.0
+  return clip + decay * mix, terms
+
+
+def _scale(out, cfg):
+  if cfg.learn_temperature or cfg.method == 'siglip':
+    return out['logit_scale']
+  return jnp.asarray(1.0 / cfg.temperature, jnp.float32)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *,
+               model: Any, tx: optax.GradientTransformation,
+               cfg: StepConfig, mesh: jax.sharding.Mesh
+               ) -> tuple[TrainState, dict[str, Any]]:
+  """One optimizer step of CLIP, SigLIP, m²-mix or m³-mix.
+
+  Args:
+    state: the `TrainState` (donated when jitted by the runner).
+    batch: global batch, sharded over ``'data'``: ``image`` uint8
+      ``[G, H, W, 3]``, ``tokens`` int32 ``[G, L]``, ``index`` ``[G]``.
+    model: the `hnjax.models.CLIP` module.
+    tx: the optax optimizer.
+    cfg: static hyperparameters.
+    mesh: the device mesh.
+
+  Returns:
+    ``(new_state, metrics)``: ``loss``, each term's batch mean,
+    ``logit_scale``, ``lam``, ``grad_norm``, and the per-pair losses
+    ``pair_loss [G]``.
+  """
+  key = jax.random.fold_in(state.rng, state.step)
+  k_lam, k_lam3 = jax.random.split(key)
+  # One λ per step, the same on every device (the key is replicated).
+  lam = jax.random.beta(k_lam, cfg.m2mix_beta, cfg.m2mix_beta)
+  lam3 = jax.random.beta(k_lam3, cfg.m3mix_beta, cfg.m3mix_beta)
+  epoch = (state.step // cfg.steps_per_epoch).astype(jnp.float32)
+  x = augment.eval_transform(batch['image'], out_size=cfg.image_size,
+                             mean=cfg.mean, std=cfg.std)
+
+  body = jax.shard_map(
+      functools.partial(_objective_body, cfg=cfg), mesh=mesh,
+      in_specs=(P(DATA), P(DATA), P(), P(), P(), P(), P()),
+      out_specs=(P(DATA), P(DATA)))
+
+  def loss_fn(params):
+    out, new_vars = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, x,
+        batch['tokens'], train=True, mutable=['batch_stats'])
+    v = numerics.l2_normalize(out['image'])
+    t = numerics.l2_normalize(out['text'])
+    scale = _scale(out, cfg)
+    per_pair, terms = body(v, t, scale, out['logit_bias'], lam, lam3, epoch)
+    return jnp.mean(per_pair), (per_pair, terms, scale,
+                                new_vars.get('batch_stats', {}))
+
+  (loss, (per_pair, terms, scale, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates),
+      batch_stats=batch_stats, opt_state=opt_state)
+  metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
+                 logit_scale=scale, lam=lam, pair_loss=per_pair)
+  metrics.update({f'loss_{k}': jnp.mean(v) for k, v in terms.items()})
+  return new_state, metrics
+
+
+def _decay_mask(params):
+  """Weight decay on matrices only (CLIP: not on gains, biases, scales)."""
+  def keep(path, x):
+    name = jax.tree_util.keystr(path)
+    return x.ndim >= 2 and 'positional_embedding' not in name
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(config, schedule):
+  o = config.optim
+  if o.name == 'adamw':
+    return optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6,
+                       weight_decay=o.weight_decay, mask=_decay_mask)
+  return optim_lib.make_optimizer(o, schedule)
+
+
+def create_state(config, model, tx, info, mesh) -> TrainState:
+  """A fresh, replicated `TrainState` from ``config.seed``."""
+  def init():
+    k_init, k_run = jax.random.split(jax.random.key(config.seed))
+    h, w, c = info.image_shape
+    variables = model.init(
+        k_init, jnp.zeros((1, h, w, c)),
+        jnp.zeros((1, config.text.context_length), jnp.int32), train=False)
+    params = variables['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats', {}),
+                      opt_state=tx.init(params), rng=k_run)
+
+  return state_lib.create(init, mesh)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation: retrieval, geometry and hard-negative captions.
+# ----------------------------------------------------------------------------
+
+
+def _encoders(model, cfg):
+  """Jitted, normalised ``encode_image`` and ``encode_text`` of a batch."""
+
+  @jax.jit
+  def image(params, batch_stats, batch):
+    x = augment.eval_transform(batch['image'], out_size=cfg.image_size,
+                               mean=cfg.mean, std=cfg.std)
+    v = model.apply({'params': params, 'batch_stats': batch_stats}, x,
+                    method=model.encode_image)
+    return numerics.l2_normalize(v)
+
+  @jax.jit
+  def text(params, batch):
+    t = model.apply({'params': params}, batch['tokens'],
+                    method=model.encode_text)
+    return numerics.l2_normalize(t)
+
+  return image, text
+
+
+def embed(state, encoders, eval_set, *, batch_size, mesh):
+  """Normalised embeddings of an `EvalSet`.
+
+  Returns:
+    ``{'image': [N_img, D], 'captions': [N_img, D] (one true caption per
+    image), protocol: [N_txt, D] per protocol, 'neg_<type>': [N_img, D]}``.
+  """
+  image_fn, text_fn = encoders
+  kw = dict(mesh=mesh, batch_size=batch_size, fields=())
+  out = {'image': features_lib.extract(
+      lambda b: image_fn(state.params, state.batch_stats, b),
+      eval_set.images, inputs=('image',), **kw)['features']}
+
+  def texts(tokens):
+    return features_lib.extract(
+        lambda b: text_fn(state.params, b),
+        paired.ArraySource(tokens=tokens), inputs=('tokens',),
+        **kw)['features']
+
+  out['captions'] = texts(eval_set.caption_tokens)
+  for name, (tokens, _) in eval_set.protocols.items():
+    out[name] = texts(tokens)
+  for kind, (tokens, _) in eval_set.negatives.items():
+    out[f'neg_{kind}'] = texts(tokens)
+  return out
+
+
+def metrics_of(emb, eval_set) -> dict[str, float]:
+  """Retrieval, geometry and hard-negative metrics of `embed`'s output."""
+  v, t = emb['image'], emb['captions']
+  out = {}
+  for i, (name, (_, t2i)) in enumerate(eval_set.protocols.items()):
+    prefix = '' if i == 0 else f'{name}_'
+    ks = tuple(k for k in (1, 5, 10) if k <= len(v))  # tiny splits too
+    r = retrieval.retrieval_metrics(v, emb[name], t2i, ks=ks)
+    out.update({prefix + k: v_ for k, v_ in r.items()})
+  # Wang & Isola over both modalities; and m²-mix's code-parity variants.
+  out['uniformity'] = geometry.uniformity(np.concatenate([v, t]))
+  out['alignment'] = geometry.alignment(v, t)
+  out['uniformity_code'] = geometry.uniformity(np.concatenate([v, v]))
+  out['alignment_code'] = geometry.relative_alignment(t, v)
+  out['modality_gap'] = geometry.modality_gap(v, t)
+  accs = []
+  for kind, (_, eligible) in eval_set.negatives.items():
+    acc = retrieval.caption_accuracy(v, t, emb[f'neg_{kind}'], eligible)
+    out[f'hard_negative_acc_{kind}'] = acc
+    accs.append(acc)
+  if accs:
+    out['hard_negative_acc'] = float(np.mean(accs))
+  return {k: float(x) for k, x in out.items()}
+
+
+def evaluate(state, fresh, encoders, config, info, mesh, *, final, plot_dir):
+  """Validation metrics during training; test metrics (and baselines) at the
+  end, whose embeddings are saved for the stage comparison's plots."""
+  eval_set = info.test if final else info.val
+  kw = dict(batch_size=config.eval.batch_size, mesh=mesh)
+  emb = embed(state, encoders, eval_set, **kw)
+  out = metrics_of(emb, eval_set)
+  if final and config.eval.baselines:
+    untrained = metrics_of(embed(fresh(), encoders, eval_set, **kw),
+                           eval_set)
+    out.update({f'untrained_{k}': untrained[k] for k in
+                ('r1sum', 'hard_negative_acc') if k in untrained})
+  if plot_dir is not None:
+    np.savez(os.path.join(plot_dir, 'test_embeddings.npz'),
+             image=emb['image'], text=emb['captions'])
+  return out
+
+
+# ----------------------------------------------------------------------------
+# The family: what the shared runner needs from CLIP-mixup.
+# ----------------------------------------------------------------------------
+
+
+def open_data(config: mlc.ConfigDict) -> runner.Data:
+  """Opens the pairs of this stage and the evaluation splits."""
+  d = config.data
+  info = paired.open_paired(
+      d.name, part='pretrain' if config.stage == 'pretrain' else 'finetune',
+      context_length=config.text.context_length,
+      data_dir=d.data_dir or None, image_size=d.image_size,
+      vocab_size=config.text.vocab_size)
+  return runner.Data(train=info.train, fields=('image', 'tokens', 'index'),
+                     info=info)
+
+
+def _step_config(config, setup) -> StepConfig:
+  info = setup.data.info
+  return StepConfig(
+      method=config.method, temperature=float(config.temperature),
+      learn_temperature=bool(config.learn_temperature),
+      m2mix_weight=float(config.m2mix.weight),
+      m2mix_beta=float(config.m2mix.beta),
+      m2mix_temperature=float(config.m2mix.temperature),
+      m3mix_weights=tuple((t, float(config.m3mix[t]))
+                          for t in losses.M3MIX_TERMS),
+      m3mix_beta=float(config.m3mix.beta),
+      original_negatives=bool(config.m3mix.original_negatives),
+      schedule=bool(config.m2mix.schedule),
+      steps_per_epoch=setup.steps_per_epoch,
+      image_size=info.image_shape[0], mean=tuple(info.mean),
+      std=tuple(info.std))
+
+
+def create_model(config, info) -> clip_lib.CLIP:
+  """The two towers this config asks for."""
+  tok = info.tokenizer
+  return clip_lib.create_clip(
+      image_tower=config.model.backbone, vocab_size=tok.vocab_size,
+      context_length=config.text.context_length, end_id=tok.end_id,
+      embed_dim=config.model.embed_dim, text_width=config.text.width,
+      text_depth=config.text.depth, text_heads=config.text.heads,
+      init_temperature=float(config.temperature),
+      dtype=jnp.dtype(config.model.dtype))
+
+
+def build(setup: runner.Setup) -> runner.Pieces:
+  """Model, optimizer, state, step and evaluation of one run."""
+  config, mesh, info = setup.config, setup.mesh, setup.data.info
+  cfg = _step_config(config, setup)
+  model = create_model(config, info)
+  schedule = optim_lib.learning_rate_schedule(
+      config.optim, batch_size=config.batch_size,
+      steps_per_epoch=setup.steps_per_epoch, total_steps=setup.total_steps)
+  tx = make_optimizer(config, schedule)
+  fresh = lambda: create_state(config, model, tx, info, mesh)
+  encoders = _encoders(model, cfg)
+  step = functools.partial(train_step, model=model, tx=tx, cfg=cfg,
+                           mesh=mesh)
+  return runner.Pieces(
+      init_state=fresh,
+      step=lambda variant: step,
+      evaluate=lambda state, final, plot_dir: evaluate(
+          state, fresh, encoders, config, info, mesh, final=final,
+          plot_dir=plot_dir),
+      learning_rate=schedule,
+      fingerprint=lambda state: {'params': state.params,
+                                 'batch_stats': state.batch_stats,
+                                 'opt_state': state.opt_state},
+      progress=('loss', 'logit_scale'),
+      histogram_ranges={'pair_loss': (0.0, 10.0)},
+      summary=SUMMARY + ('untrained_r1sum', 'untrained_hard_negative_acc'))
+
+
+FAMILY = runner.Family(name='clip_mixup', validate=validate,
+                       open_data=open_data, build=build)
+
+
+# ----------------------------------------------------------------------------
+# Stages: stage=both runs pretraining, plain fine-tuning and the method.
+# ----------------------------------------------------------------------------
+
+
+def stage_config(config: mlc.ConfigDict, stage: str, *, method: str = '',
+                 init_from: str = '') -> mlc.ConfigDict:
+  """The config of one stage of a ``stage=both`` study.
+
+  ``pretrain`` takes ``config.pretrain``'s method, length, learning rate
+  and temperature; ``finetune`` keeps the config's own, with ``method``
+  and ``init_from`` as given.
+  """
+  c = mlc.ConfigDict(config.to_dict())
+  c.stage = stage
+  if stage == 'pretrain':
+    p = config.pretrain
+    c.method = p.method
+    c.num_steps = p.num_steps
+    c.optim.learning_rate = p.learning_rate
+    c.optim.warmup_fraction = p.warmup_fraction
+    c.temperature = p.temperature
+    c.learn_temperature = p.learn_temperature
+    c.init_from = ''
+  else:
+    c.method = method or config.method
+    c.init_from = init_from
+  c.lock()
+  return c
+
+
+def plan(config: mlc.ConfigDict, workdir: str
+         ) -> list[tuple[str, mlc.ConfigDict, str]]:
+  """``[(name, config, workdir)]`` of the runs this config asks for."""
+  if config.stage != 'both':
+    return [(config.stage, config, workdir)]
+  pre = os.path.join(workdir, 'pretrain')
+  runs = [('pretrain', stage_config(config, 'pretrain'), pre)]
+  for method in dict.fromkeys(('clip', config.method)):
+    runs.append((f'finetune_{method}',
+                 stage_config(config, 'finetune', method=method,
+                              init_from=pre),
+                 os.path.join(workdir, f'finetune_{method}')))
+  return runs
+
+
+def prepare(config: mlc.ConfigDict) -> runner.Setup:
+  """Checks the config (every stage of ``stage=both``) and opens the data;
+  writes nothing. ``init_from`` must hold parameters that fit."""
+  validate(config, 1)
+  setups = [runner.prepare(FAMILY, c) for _, c, _ in plan(config, '.')]
+  if config.stage == 'finetune':
+    pieces = build(setups[0])
+    state_lib.load_params(pieces.init_state(), config.init_from,
+                          pieces.init_fields)
+  return setups[-1]
+
+
+def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *,
+                       allow_changes: tuple[str, ...] = ()) -> dict[str, Any]:
+  """Trains per ``config`` in ``workdir`` (every stage of ``stage=both``).
+
+  Usable from Colab without absl: ``train_and_evaluate(get_config(),
+  '/tmp/run')`` with ``from configs.clip_mixup import get_config``.
+  Re-running with the same workdir resumes (each stage from its own
+  checkpoints; finished stages are only evaluated again). Another method
+  in the same workdir (``method=m3mix`` after ``m2mix``) reuses the
+  pretraining and plain fine-tuning runs.
+
+  Args:
+    config: a config from ``configs/clip_mixup.py``.
+    workdir: run directory (``stage=both``: one subdirectory per stage).
+    allow_changes: config fields allowed to differ from the checkpoints
+      being resumed (see `hnjax.train.workdir.check_resume`).
+
+  Returns:
+    A summary dict: ``step``, ``interrupted``, the test metrics of the
+    (last) run (``r1sum``, ``i2t_r1`` ..., ``uniformity``, ``alignment``,
+    ``modality_gap``, ``hard_negative_acc``), ``state_fingerprint``,
+    ``wall_s``; with ``stage=both`` also each stage's metrics prefixed by
+    ``zeroshot_`` and ``finetune_clip_``, and ``stages`` (name -> summary).
+  """
+  if config.stage != 'both':
+    return runner.train_and_evaluate(FAMILY, config, workdir,
+                                     allow_changes=allow_changes)
+  stages = {}
+  for name, c, directory in plan(config, workdir):
+    # The mixing fields do not touch the CLIP / SigLIP stages: the study of
+    # another method in the same workdir reuses them.
+    unused = () if c.method in ('m2mix', 'm3mix') else ('m2mix', 'm3mix')
+    stages[name] = runner.train_and_evaluate(
+        FAMILY, c, directory, allow_changes=(*allow_changes, *unused))
+    if stages[name]['interrupted']:
+      out = dict(stages[name])
+      out['stage'] = name
+      return out
+  out = dict(stages[f'finetune_{config.method}'])
+  prefixes = {'pretrain': 'zeroshot_', 'finetune_clip': 'finetune_clip_'}
+  for name, prefix in prefixes.items():
+    if name != f'finetune_{config.method}':
+      out.update({prefix + k: stages[name][k]
+                  for k in ('r1sum', 'hard_negative_acc')
+                  if k in stages[name]})
+  out['wall_s'] = round(sum(s['wall_s'] for s in stages.values()), 1)
+  if jax.process_index() == 0:
+    rows = comparison_rows(stages, config.method)
+    with open(os.path.join(workdir, 'comparison.json'), 'w') as f:
+      json.dump(rows, f, indent=1)
+    try:
+      from hnjax.eval import plots  # pylint: disable=g-import-not-at-top
+      plots.plot_clip_comparison(workdir, rows, {
+          label: os.path.join(workdir, name, 'test_embeddings.npz')
+          for label, name in _LABELS[config.method]})
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('comparison plots failed: %s', e)
+  out['stages'] = rows
+  return out
+
+
+def _labels(method):
+  rows = [('untrained', None), ('zero-shot', 'pretrain'),
+          ('fine-tune (clip)', 'finetune_clip')]
+  if method != 'clip':
+    rows.append((f'fine-tune ({method})', f'finetune_{method}'))
+  return rows
+
+
+_LABELS = {m: [(l, n) for l, n in _labels(m) if n] for m in METHODS}
+
+
+def comparison_rows(stages: dict[str, dict[str, Any]], method: str
+                    ) -> dict[str, dict[str, float]]:
+  """``{row label: {metric: value}}`` of a ``stage=both`` study."""
+  rows = {}
+  pre = stages['pretrain']
+  rows['untrained'] = {k[len('untrained_'):]: v for k, v in pre.items()
+                       if k.startswith('untrained_')}
+  for label, name in _LABELS[method]:
+    rows[label] = {k: stages[name][k] for k in SUMMARY if k in stages[name]}
+  return rows
+
+
+def format_summary(summary: dict[str, Any]) -> str | None:
+  """The comparison table of a ``stage=both`` summary (None otherwise)."""
+  rows = summary.get('stages')
+  if not rows:
+    return None
+  cols = ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10',
+          'r1sum', 'uniformity', 'alignment', 'modality_gap',
+          'hard_negative_acc')
+  heads = ('I2T@1', '@5', '@10', 'T2I@1', '@5', '@10', 'R1Sum', 'unif',
+           'align', 'gap', 'hardneg')
+  width = max(len(r) for r in rows) + 2
+  lines = [''.ljust(width) + ''.join(h.rjust(8) for h in heads)]
+  for label, row in rows.items():
+    cells = ''.join((f'{row[c]:8.2f}' if c in row else ' ' * 7 + '-')
+                    for c in cols)
+    lines.append(label.ljust(width) + cells)
+  return '\n'.join(lines)

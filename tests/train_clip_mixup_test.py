@@ -1,0 +1,270 @@
+"""CLIP-mixup end to end: objectives, configs, stages, resume, launcher."""
+
+import functools
+import os
+import random
+import tempfile
+import time
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import pytest
+
+from configs import clip_mixup as clip_config
+from hnjax import losses
+from hnjax import parallel
+from hnjax.data import paired
+from hnjax.data import text
+from hnjax.train import checks
+from hnjax.train import clip_mixup
+from hnjax.train import runner
+from tests import data_real_captions_test
+from tests import testing
+
+_SMOKE = ['--config=configs/clip_mixup.py:smoke',
+          '--config.eval.baselines=False']
+
+
+def _launch(workdir, *args, wait=True):
+  return testing.launch('launch.clip_mixup', workdir, *args, wait=wait)
+
+
+def _unit(key, shape):
+  x = jax.random.normal(key, shape)
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _cfg(method, **kw):
+  base = dict(
+      method=method, temperature=0.01, learn_temperature=False,
+      m2mix_weight=0.3, m2mix_beta=0.5, m2mix_temperature=0.07,
+      m3mix_weights=(('vmix', 0.05), ('lmix', 0.07), ('vlmix', 0.1)),
+      m3mix_beta=0.5, original_negatives=False, schedule=True,
+      steps_per_epoch=10, image_size=32, mean=(0.,) * 3, std=(1.,) * 3)
+  base.update(kw)
+  return clip_mixup.StepConfig(**base)
+
+
+class ObjectiveTest(parameterized.TestCase):
+  """The total loss is §5.3's sum, the same on 1 and 8 devices."""
+
+  def _body(self, cfg, mesh):
+    return jax.shard_map(
+        functools.partial(clip_mixup._objective_body, cfg=cfg), mesh=mesh,
+        in_specs=(P('data'), P('data'), P(), P(), P(), P(), P()),
+        out_specs=(P('data'), P('data')))
+
+  @parameterized.parameters(0.0, 2.0)
+  def test_total_is_clip_plus_decayed_mixing_terms(self, epoch):
+    k1, k2 = jax.random.split(jax.random.key(0))
+    v, t = _unit(k1, (16, 8)), _unit(k2, (16, 8))
+    lam, lam3, scale = 0.3, 0.6, 100.0
+    cfg = _cfg('m3mix')
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    total, terms = jax.jit(self._body(cfg, mesh))(v, t, scale, -10.0, lam,
+                                                  lam3, epoch)
+
+    @jax.jit
+    def reference(v, t):
+      clip = losses.symmetric_info_nce(v, t, temperature=0.01)
+      m2 = losses.m2mix(v, t, lam, temperature=0.07)
+      m3 = {k: losses.m3mix(v, t, lam3, term=k, temperature=0.01)
+            for k in losses.M3MIX_TERMS}
+      return clip, m2, m3
+
+    clip, m2, m3 = reference(v, t)
+    mix = 0.3 * m2 + 0.05 * m3['vmix'] + 0.07 * m3['lmix'] + 0.1 * m3['vlmix']
+    np.testing.assert_allclose(total, clip + mix / (epoch + 1), rtol=1e-5)
+    np.testing.assert_allclose(terms['m2mix'], m2, rtol=1e-5)
+    # Without the schedule the weight never decays.
+    total, _ = jax.jit(self._body(_cfg('m3mix', schedule=False), mesh))(
+        v, t, scale, -10.0, lam, lam3, epoch)
+    np.testing.assert_allclose(total, clip + mix, rtol=1e-5)
+
+  # m3mix's terms on 8 devices: sharded_test.
+  @parameterized.parameters('clip', 'm2mix', 'siglip')
+  def test_eight_devices_equal_one(self, method):
+    k1, k2 = jax.random.split(jax.random.key(1))
+    v, t = _unit(k1, (16, 8)), _unit(k2, (16, 8))
+    cfg = _cfg(method)
+
+    def loss(mesh, v, t):
+      total, _ = self._body(cfg, mesh)(v, t, 10.0, -5.0, 0.4, 0.7, 1.0)
+      return jnp.mean(total)
+
+    one = parallel.make_mesh(devices=jax.devices()[:1])
+    eight = parallel.make_mesh(devices=jax.devices()[:8])
+    l1, g1 = jax.jit(jax.value_and_grad(functools.partial(loss, one),
+                                        argnums=(0, 1)))(v, t)
+    l8, g8 = jax.jit(jax.value_and_grad(functools.partial(loss, eight),
+                                        argnums=(0, 1)))(v, t)
+    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    for a, b in zip(g8, g1):  # both towers' gradients
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+class ConfigTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('weight', {'m2mix.weight': -0.1}, 'm2mix.weight=-0.1'),
+      ('beta', {'m2mix.beta': 0.0}, 'm2mix.beta=0.0'),
+      ('m3_beta', {'m3mix.beta': -1.0}, 'm3mix.beta=-1.0'),
+      ('vlmix', {'m3mix.vlmix': -1.0}, 'm3mix.vlmix=-1.0'),
+      ('temperature', {'temperature': 0.0}, 'temperature=0.0'),
+      ('tau2', {'m2mix.temperature': -0.07}, 'm2mix.temperature=-0.07'),
+      ('tower', {'model.backbone': 'vit_huge'}, "model.backbone='vit_huge'"),
+      ('context', {'text.context_length': 1}, 'text.context_length=1'),
+      ('heads', {'text.heads': 3}, 'text.width=64'),
+      ('method', {'method': 'simclr'}, "method='simclr'"),
+      ('stage', {'stage': 'train'}, "stage='train'"),
+      ('finetune', {'stage': 'finetune'}, "init_from=''"),
+      ('data', {'data.name': 'digits'}, "data.name='digits'"),
+      ('batch', {'batch_size': 12}, 'batch_size=12'),
+  )
+  def test_validate_names_field_and_value(self, overrides, expected):
+    config = clip_config.get_config()
+    testing.set_fields(config, overrides)
+    with self.assertRaises(checks.ConfigError) as cm:
+      runner.validate(clip_mixup.FAMILY, config, num_devices=8)
+    self.assertIn(expected, str(cm.exception))
+    self.assertNotIn('\n', str(cm.exception))
+
+  def test_presets_are_valid(self):
+    for method in clip_mixup.METHODS:
+      for stage in ('pretrain', 'both'):
+        for data in ('shapes', 'coco', 'flickr30k'):
+          runner.validate(clip_mixup.FAMILY, clip_config.get_config(
+              f'method={method},stage={stage},data={data}'), num_devices=8)
+    c = clip_config.get_config('smoke,method=m3mix,tower=vit')
+    runner.validate(clip_mixup.FAMILY, c, num_devices=8)
+    self.assertEqual((c.method, c.model.backbone), ('m3mix', 'vit_tiny'))
+    with self.assertRaisesRegex(ValueError, "unknown tower preset 'vitt'"):
+      clip_config.get_config('tower=vitt')
+
+  def test_stage_both_plans_three_runs(self):
+    c = clip_config.get_config('method=m3mix')
+    runs = clip_mixup.plan(c, '/w')
+    self.assertEqual([(n, r.method, r.stage, r.init_from, d)
+                      for n, r, d in runs],
+                     [('pretrain', 'clip', 'pretrain', '', '/w/pretrain'),
+                      ('finetune_clip', 'clip', 'finetune', '/w/pretrain',
+                       '/w/finetune_clip'),
+                      ('finetune_m3mix', 'm3mix', 'finetune', '/w/pretrain',
+                       '/w/finetune_m3mix')])
+    pre = runs[0][1]
+    self.assertTrue(pre.learn_temperature)
+    self.assertEqual(pre.num_steps, c.pretrain.num_steps)
+    self.assertLen(clip_mixup.plan(clip_config.get_config('method=clip'),
+                                   '/w'), 2)
+
+
+class CaptionDataTest(absltest.TestCase):
+
+  def test_long_captions_keep_the_end_token_and_empty_ones_are_named(self):
+    d = paired.open_paired('shapes32/small', part='finetune',
+                           context_length=6,
+                           data_dir=testing.launcher_env()['HNJAX_DATA_DIR'])
+    tokens = d.train.get_batch(np.arange(8), ('tokens',))['tokens']
+    end = d.tokenizer.end_id
+    self.assertEqual(tokens.shape, (8, 6))
+    np.testing.assert_array_equal(tokens[:, -1], end)  # truncated, kept
+    self.assertEqual(len(d.train), 900)  # the fine-tuning half
+    self.assertEqual(len(d.val.images), 200)
+    self.assertEqual(set(d.test.negatives), {'shape', 'colour', 'size',
+                                             'position'})
+    tok = text.WordTokenizer.from_captions(['a red star'], context_length=6)
+    with self.assertRaisesRegex(ValueError, "coco test: caption 1 has no "
+                                "words: '...'"):
+      paired._tokenize(tok, ['a star', '...'], 'coco test')
+
+
+  def test_real_captions_both_protocols(self):
+    root = self.enter_context(tempfile.TemporaryDirectory())
+    data_real_captions_test._write_flickr(root)
+    d = paired.open_paired('flickr30k', context_length=12, data_dir=root,
+                           image_size=8, vocab_size=300)
+    self.assertLen(d.train, 3)  # one caption per training image
+    batch = d.train.get_batch(np.arange(3))
+    self.assertEqual(batch['image'].shape, (3, 8, 8, 3))
+    self.assertEqual(batch['tokens'].shape, (3, 12))
+    self.assertEqual(d.tokenizer.decode(batch['tokens'][0]).strip(),
+                     'image 0, caption 0.')
+    tokens, t2i = d.test.protocols['all']
+    self.assertEqual(tokens.shape, (10, 12))
+    np.testing.assert_array_equal(t2i, np.repeat([0, 1], 5))
+    np.testing.assert_array_equal(d.test.protocols['first'][1], [0, 1])
+    self.assertEqual(list(d.test.protocols), ['all', 'first'])
+    self.assertEqual(d.test.negatives, {})
+
+
+@pytest.mark.slow
+class EndToEndTest(absltest.TestCase):
+
+  def test_killed_study_resumes_to_the_same_state(self):
+    root = tempfile.mkdtemp()
+    ref_dir, run_dir = os.path.join(root, 'ref'), os.path.join(root, 'run')
+    ref_proc = _launch(ref_dir, *_SMOKE, wait=False)
+    proc = _launch(run_dir, *_SMOKE, wait=False)
+    # Killed -9 during the fine-tuning stage of the method: the earlier
+    # stages are finished, this one has checkpoints.
+    stage = random.choice(['pretrain', 'finetune_m2mix'])
+    path = os.path.join(run_dir, stage, 'checkpoints', '4')
+    t0 = time.time()
+    while not os.path.isdir(path):
+      if proc.poll() is not None or time.time() - t0 > 300:
+        raise AssertionError(f'no checkpoint: {proc.communicate()}')
+      time.sleep(0.1)
+    time.sleep(random.uniform(0.0, 1.0))
+    proc.kill()
+    proc.communicate()
+    out, err = ref_proc.communicate(timeout=600)
+    self.assertEqual(ref_proc.returncode, 0, err[-3000:])
+    ref = testing.summary(out)
+    for key in ('r1sum', 'hard_negative_acc', 'zeroshot_r1sum',
+                'finetune_clip_r1sum', 'uniformity', 'modality_gap'):
+      self.assertTrue(np.isfinite(float(ref[key])), key)
+    self.assertIn('fine-tune (m2mix)', out)  # the comparison table
+    for name in ('uniformity_alignment.png', 'recall_at_k.png',
+                 'modality_gap.png', 'comparison.json',
+                 'pretrain/loss.png', 'finetune_m2mix/r1sum.png'):
+      self.assertTrue(os.path.exists(os.path.join(ref_dir, name)), name)
+
+    code, out, err = _launch(run_dir, *_SMOKE)
+    self.assertEqual(code, 0, err[-3000:])
+    self.assertEqual(testing.summary(out)['state_fingerprint'],
+                     ref['state_fingerprint'], stage)
+
+    # init_from: missing, incompatible towers, corrupted: one line each,
+    # naming the path (and the parameter), nothing written.
+    pre = os.path.join(ref_dir, 'pretrain')
+    bad = os.path.join(root, 'corrupt')
+    os.makedirs(os.path.join(bad, 'checkpoints', '4', 'state'))
+    with open(os.path.join(bad, 'checkpoints', '4', 'state', '_METADATA'),
+              'w') as f:
+      f.write('{not json')
+    finetune = '--config=configs/clip_mixup.py:smoke,stage=finetune'
+    for i, (args, expected) in enumerate([
+        ([f'--config.init_from={root}/nothing'], f'{root}/nothing'),
+        ([f'--config.init_from={pre}', '--config.text.depth=2'],
+         'params/text_tower/block_1'),
+        ([f'--config.init_from={pre}', '--config.model.embed_dim=16'],
+         'params/image_projection/kernel has shape [128, 32]'),
+        ([f'--config.init_from={bad}'], bad),
+        (['--config.m2mix.wieght=1'], "did you mean 'weight'"),
+    ]):
+      workdir = os.path.join(root, f'bad{i}')
+      code, _, err = _launch(workdir, finetune, *args)
+      self.assertEqual(code, 2, err)
+      lines = [l for l in err.splitlines() if l.strip()]
+      self.assertLen(lines, 1, err)
+      self.assertTrue(lines[0].startswith('hnjax: error: '), lines[0])
+      self.assertIn(expected, lines[0])
+      self.assertFalse(os.path.exists(workdir))
+
+
+if __name__ == '__main__':
+  absltest.main()
