@@ -11,6 +11,9 @@
   see ``augment``; ``tabular_views`` / ``standardize`` for tabular inputs.
 * ``open_regression``: datasets with a continuous target (SupReMix); see
   ``regression``.
+* ``open_paired``: image-caption pairs tokenised on the host (CLIP-mixup:
+  shapes32's captions, COCO, Flickr30k); see ``paired``, ``real_captions``,
+  ``text`` and ``subword``.
 """
 
 from hnjax.data.augment import augment_batch
@@ -25,6 +28,7 @@ from hnjax.data.augment import two_views
 from hnjax.data.builders import default_data_dir
 from hnjax.data.builders import prepare
 from hnjax.data.imagenet import IMAGENET100_CLASSES
+from hnjax.data.paired import open_paired
 from hnjax.data.pipeline import eval_iterator
 from hnjax.data.pipeline import steps_per_epoch
 from hnjax.data.pipeline import train_dataset

@@ -383,10 +383,14 @@ def evaluate(state, fresh, encoders, config, info, mesh, *, final, plot_dir):
 # ----------------------------------------------------------------------------
 
 
+# The stages of a study open the same data (checks, then each run): once.
+_open_paired = functools.lru_cache(maxsize=4)(paired.open_paired)
+
+
 def open_data(config: mlc.ConfigDict) -> runner.Data:
   """Opens the pairs of this stage and the evaluation splits."""
   d = config.data
-  info = paired.open_paired(
+  info = _open_paired(
       d.name, part='pretrain' if config.stage == 'pretrain' else 'finetune',
       context_length=config.text.context_length,
       data_dir=d.data_dir or None, image_size=d.image_size,
