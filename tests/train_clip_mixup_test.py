@@ -26,7 +26,7 @@ from tests import data_real_captions_test
 from tests import testing
 
 _SMOKE = ['--config=configs/clip_mixup.py:smoke',
-          '--config.eval.baselines=False']
+          '--config.eval.baselines=False', '--config.eval.every_steps=0']
 
 
 def _launch(workdir, *args, wait=True):
@@ -239,32 +239,41 @@ class EndToEndTest(absltest.TestCase):
     self.assertEqual(testing.summary(out)['state_fingerprint'],
                      ref['state_fingerprint'])
 
-    # init_from: missing, incompatible towers, corrupted: one line each,
-    # naming the path (and the parameter), nothing written.
+    # init_from: missing, incompatible towers, corrupted: one line naming
+    # the path (and the parameter); checked before anything is written.
     pre = os.path.join(ref_dir, 'pretrain')
     bad = os.path.join(root, 'corrupt')
     os.makedirs(os.path.join(bad, 'checkpoints', '4', 'state'))
     with open(os.path.join(bad, 'checkpoints', '4', 'state', '_METADATA'),
               'w') as f:
       f.write('{not json')
-    finetune = '--config=configs/clip_mixup.py:smoke,stage=finetune'
-    for i, (args, expected) in enumerate([
-        ([f'--config.init_from={root}/nothing'], f'{root}/nothing'),
-        ([f'--config.init_from={pre}', '--config.text.depth=2'],
-         'params/text_tower/block_1'),
-        ([f'--config.init_from={pre}', '--config.model.embed_dim=16'],
+    for overrides, expected in [
+        ({'init_from': pre, 'text.depth': 2}, 'params/text_tower/block_1'),
+        ({'init_from': pre, 'model.embed_dim': 16},
          'params/image_projection/kernel has shape [128, 32]'),
-        ([f'--config.init_from={bad}'], bad),
-        (['--config.m2mix.wieght=1'], "did you mean 'weight'"),
-    ]):
-      workdir = os.path.join(root, f'bad{i}')
-      code, _, err = _launch(workdir, finetune, *args)
-      self.assertEqual(code, 2, err)
-      lines = [l for l in err.splitlines() if l.strip()]
-      self.assertLen(lines, 1, err)
-      self.assertTrue(lines[0].startswith('hnjax: error: '), lines[0])
-      self.assertIn(expected, lines[0])
-      self.assertFalse(os.path.exists(workdir))
+        ({'init_from': bad}, bad),
+    ]:
+      config = clip_config.get_config('smoke,stage=finetune')
+      config.data.data_dir = testing.launcher_env()['HNJAX_DATA_DIR']
+      testing.set_fields(config, overrides)
+      with self.assertRaises(checks.ConfigError) as cm:
+        clip_mixup.prepare(config)
+      self.assertIn(f'init_from={overrides["init_from"]!r}',
+                    str(cm.exception))
+      self.assertIn(expected, str(cm.exception))
+      self.assertNotIn('\n', str(cm.exception))
+    # The launcher: one line, exit 2, no workdir.
+    workdir = os.path.join(root, 'bad')
+    code, _, err = _launch(
+        workdir, '--config=configs/clip_mixup.py:smoke,stage=finetune',
+        f'--config.init_from={root}/nothing')
+    self.assertEqual(code, 2, err)
+    lines = [l for l in err.splitlines() if l.strip()]
+    self.assertLen(lines, 1, err)
+    self.assertTrue(lines[0].startswith('hnjax: error: init_from='),
+                    lines[0])
+    self.assertIn(f'{root}/nothing', lines[0])
+    self.assertFalse(os.path.exists(workdir))
 
 
 if __name__ == '__main__':
