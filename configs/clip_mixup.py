@@ -17,7 +17,10 @@ Run:
 Presets after the colon, comma separated:
 
   method=clip|m2mix|m3mix|siglip   the fine-tuning objective
-  stage=pretrain|finetune|both     finetune needs --config.init_from=<run>
+  stage=pretrain|finetune|both     pretrain: only the first stage, with
+                                   the pretraining recipe (config.pretrain)
+                                   in the top-level fields; finetune needs
+                                   --config.init_from=<run>
   data=shapes|coco|flickr30k       coco: tfds coco_captions (Karpathy
                                    splits) in --config.data.data_dir;
                                    flickr30k: dataset_flickr30k.json and
@@ -111,6 +114,13 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       warmup_fraction=0.1,
       temperature=0.1 if siglip else 0.07,  # initial learnable value
       learn_temperature=True))
+
+  if arg.stage == 'pretrain':  # a pretraining run on its own: its recipe
+    p = c.pretrain
+    c.method, c.num_steps, c.temperature = p.method, p.num_steps, p.temperature
+    c.learn_temperature = p.learn_temperature
+    c.optim.learning_rate = p.learning_rate
+    c.optim.warmup_fraction = p.warmup_fraction
 
   c.eval = mlc.ConfigDict(dict(
       every_steps=-1,  # validation retrieval 4 times per run; 0: the end

@@ -84,13 +84,16 @@ def symmetric_info_nce(
   if not 0.0 <= label_smoothing < 1.0:
     raise ValueError(f'label_smoothing must be in [0, 1), got '
                      f'{label_smoothing}')
-  _checks.axis_size(axis_name)
+  shards = _checks.axis_size(axis_name)
   inv_t = 1.0 / numerics.valid_scale(temperature)
   labels = parallel.local_rows(a.shape[0], axis_name)
   a_all = parallel.gather(a, axis_name)
   b_all = parallel.gather(b, axis_name)
-  ce_ab = _cross_entropy(a @ b_all.T * inv_t, labels, label_smoothing)
-  ce_ba = _cross_entropy(b @ a_all.T * inv_t, labels, label_smoothing)
+  logits_ab = a @ b_all.T * inv_t
+  # One shard: the other direction is the transpose (half the products).
+  logits_ba = logits_ab.T if shards == 1 else b @ a_all.T * inv_t
+  ce_ab = _cross_entropy(logits_ab, labels, label_smoothing)
+  ce_ba = _cross_entropy(logits_ba, labels, label_smoothing)
   # Every pair's loss reads the whole batch (both directions).
   bad = ~(jnp.all(jnp.isfinite(a_all)) & jnp.all(jnp.isfinite(b_all)))
   return numerics.nan_where(bad, 0.5 * (ce_ab + ce_ba))
@@ -213,8 +216,11 @@ def m2mix(
   own = rows[:, None] == jnp.arange(v_all.shape[0])[None, :]
   diag = jnp.sum(v * t, axis=-1)
   temperature = numerics.valid_scale(temperature)
-  logits_img = jnp.where(own, diag[:, None], v @ m.T) / temperature
-  logits_txt = jnp.where(own, diag[:, None], t @ m.T) / temperature
+  # Both sides against the mixtures in one product.
+  mixed = jnp.concatenate([v, t]) @ m.T
+  b = v.shape[0]
+  logits_img = jnp.where(own, diag[:, None], mixed[:b]) / temperature
+  logits_txt = jnp.where(own, diag[:, None], mixed[b:]) / temperature
   loss = (_cross_entropy(logits_img, rows, 0.0) +
           _cross_entropy(logits_txt, rows, 0.0))
   # Every pair's loss reads every pair's mixture.
@@ -285,7 +291,7 @@ def m3mix(
   v, t = _pair('image', image, 'text', text)
   _checks.one_of('term', term, M3MIX_TERMS)
   _checks.positive('temperature', temperature)
-  _checks.axis_size(axis_name)
+  shards = _checks.axis_size(axis_name)
   if jnp.ndim(lam) != 0:
     raise ValueError(f'lam must be a scalar, got shape {jnp.shape(lam)}')
   lam = jnp.asarray(lam, jnp.float32)
@@ -304,11 +310,15 @@ def m3mix(
     targets = lam * own + (1.0 - lam) * partner
   inv_t = 1.0 / numerics.valid_scale(temperature)
   row_logits = a_all[rows] @ b_all.T * inv_t  # row i of v̂ t̂ᵀ
-  col_logits = b_all[rows] @ a_all.T * inv_t  # column i, as a row
+  # Column i, as a row; with one shard the transpose (half the products).
+  col_logits = (row_logits.T if shards == 1 else
+                b_all[rows] @ a_all.T * inv_t)
   if original_negatives:
     off = ~(own | partner)
-    row_logits = jnp.where(off, v @ t_all.T * inv_t, row_logits)
-    col_logits = jnp.where(off, t @ v_all.T * inv_t, col_logits)
+    plain = v @ t_all.T * inv_t
+    row_logits = jnp.where(off, plain, row_logits)
+    col_logits = jnp.where(off, plain.T if shards == 1 else
+                           t @ v_all.T * inv_t, col_logits)
   loss = 0.5 * (_soft_cross_entropy(row_logits, targets) +
                 _soft_cross_entropy(col_logits, targets))
   bad = ~(jnp.all(jnp.isfinite(v_all)) & jnp.all(jnp.isfinite(t_all))
