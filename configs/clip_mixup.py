@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       # Fine-tuning's fixed τ (SigLIP: the initial 1 / scale). The paper's
       # 0.01 suits OpenAI's CLIP, whose learned scale is at the clamp
       # (100); the small towers pretrained here learn a scale near 17,
-      # and τ = 0.01 makes fine-tuning lose 0.4-1.2 R1Sum (README).
+      # and τ = 0.01 makes fine-tuning lose about 1 R1Sum (README).
       temperature=0.1 if siglip else 0.05)
   c.num_steps = d['finetune_steps']
   c.stage = arg.stage  # pretrain, finetune (needs init_from) or both
