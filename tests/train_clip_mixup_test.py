@@ -262,6 +262,11 @@ class EndToEndTest(absltest.TestCase):
                     str(cm.exception))
       self.assertIn(expected, str(cm.exception))
       self.assertNotIn('\n', str(cm.exception))
+    # A relative init_from works (Orbax itself needs absolute paths).
+    config = clip_config.get_config('smoke,stage=finetune')
+    config.data.data_dir = testing.launcher_env()['HNJAX_DATA_DIR']
+    config.init_from = os.path.relpath(pre)
+    clip_mixup.prepare(config)
     # The launcher: one line, exit 2, no workdir.
     workdir = os.path.join(root, 'bad')
     code, _, err = _launch(

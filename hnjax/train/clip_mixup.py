@@ -497,6 +497,7 @@ def plan(config: mlc.ConfigDict, workdir: str
   """``[(name, config, workdir)]`` of the runs this config asks for."""
   if config.stage != 'both':
     return [(config.stage, config, workdir)]
+  workdir = os.path.abspath(workdir)  # init_from must not depend on the cwd
   pre = os.path.join(workdir, 'pretrain')
   runs = [('pretrain', stage_config(config, 'pretrain'), pre)]
   for method in dict.fromkeys(('clip', config.method)):

@@ -89,9 +89,10 @@ def load_params(state: PyTree, workdir: str,
     checks.ConfigError: naming ``init_from`` when the run has no
       checkpoint or its fields do not fit this model.
   """
-  directory = checkpoint_dir(workdir)
+  where = os.path.abspath(workdir)  # Orbax needs absolute paths.
+  directory = checkpoint_dir(where)
   if not os.path.isdir(directory):
-    directory = workdir  # given the checkpoints folder itself
+    directory = where  # given the checkpoints folder itself
   present = [f for f in fields if hasattr(state, f)]
   abstract = {f: checkpoint.abstract_state(getattr(state, f))
               for f in present}
