@@ -15,6 +15,10 @@ Presets after the colon, comma separated:
   model=convnet|resnet18_cifar|resnet50_cifar|resnet50|...
   smoke      a tiny run (under a minute on one CPU) writing several
              checkpoints.
+  hardness_range  mix a hardness range instead of the very hardest
+             negatives: skip the K/100 most similar, and any above a
+             similarity of 0.9 (mochi.skip_top, mochi.max_similarity;
+             the likeliest false negatives). Not yet studied.
 
 Defaults per dataset (see configs/moco_v2.py for the rest of the recipe):
   shapes       MoCHi(128, 128, 32), K=2048, 1 warm-up epoch of plain MoCo,

@@ -75,7 +75,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
 def build(arg: str | None, method: str) -> mlc.ConfigDict:
   """Shared by moco_v2.py and mochi.py (they differ in ``method``)."""
-  arg = common.parse_arg(arg, data='shapes', model='', smoke=False)
+  arg = common.parse_arg(arg, data='shapes', model='', smoke=False,
+                         hardness_range=False)
   if arg.data not in _DATA:
     raise ValueError(f'unknown data preset {arg.data!r}; known: '
                      f'{", ".join(_DATA)}')
@@ -105,7 +106,14 @@ def build(arg: str | None, method: str) -> mlc.ConfigDict:
   num_hard, num_mix, num_query_mix = d['mochi']
   c.mochi = mlc.ConfigDict(dict(
       num_hard=num_hard, num_mix=num_mix, num_query_mix=num_query_mix,
-      warmup_epochs=d['mochi_warmup_epochs']))  # plain MoCo before mixing
+      warmup_epochs=d['mochi_warmup_epochs'],  # plain MoCo before mixing
+      # Hardness range (a false-negative remedy): never mix the skip_top
+      # hardest negatives nor any more similar than max_similarity (>= 1:
+      # no ceiling, unit vectors never exceed it).
+      skip_top=0, max_similarity=1.0))
+  if arg.hardness_range:  # skip the K / 100 hardest and any above 0.9
+    c.mochi.skip_top = max(d['queue_size'] // 100, 1)
+    c.mochi.max_similarity = 0.9
 
   c.optim = common.optim(
       name='sgd',  # or 'lars'

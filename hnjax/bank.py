@@ -29,6 +29,7 @@ queries (and the bank, if it is differentiable) get exact gradients.
 """
 
 import functools
+import math
 from typing import NamedTuple, Sequence
 
 import jax
@@ -155,12 +156,13 @@ def _top_k(x, k):
   return tuple(lax.optimization_barrier(y) for y in lax.top_k(x, k))
 
 
-def _chunk_stats(q, bank, mask, scales, num_top, expectation):
+def _chunk_stats(q, bank, mask, scales, num_top, expectation, ceiling=None):
   """Statistics of some queries against the whole (local) bank, densely.
 
   Returns lse ``[S, R]`` (None without scales), the softmax expectation of
   the bank rows ``E_s[n]`` ``[S, R, D]`` (or None) and the top-k values and
-  indices ``[R, N]``.
+  indices ``[R, N]``; entries more similar than ``ceiling`` (if not None)
+  are never in the top-k (they stay in the log-sum-exp).
   """
   k = bank.shape[0]
   sims = q @ bank.T  # [R, K]
@@ -180,13 +182,16 @@ def _chunk_stats(q, bank, mask, scales, num_top, expectation):
           acc > 0, acc, 1.0)[..., None]
   top_v, top_i = _no_top(q.shape[0])
   if num_top:
-    top_v, top_i = _top_k(_masked(lax.stop_gradient(sims), mask, 0, k),
-                          num_top)
+    x = _masked(lax.stop_gradient(sims), mask, 0, k)
+    if ceiling is not None:
+      x = jnp.where(x > ceiling, -jnp.inf, x)
+    top_v, top_i = _top_k(x, num_top)
     top_v = jnp.where(bad[:, None], jnp.nan, top_v)
   return lse, expect, top_v, top_i.astype(jnp.int32)
 
 
-def _row_chunks(q, bank, mask, scales, num_top, expectation, rows):
+def _row_chunks(q, bank, mask, scales, num_top, expectation, rows,
+                ceiling=None):
   """`_chunk_stats` over the whole bank, ``rows`` queries at a time.
 
   Memory is ``rows * K`` logits. XLA's top_k costs about ``n + k log k`` per
@@ -195,7 +200,8 @@ def _row_chunks(q, bank, mask, scales, num_top, expectation, rows):
   """
   g = q.shape[0]
   num, rem = divmod(g, rows)
-  fn = lambda qc, mc: _chunk_stats(qc, bank, mc, scales, num_top, expectation)
+  fn = lambda qc, mc: _chunk_stats(qc, bank, mc, scales, num_top, expectation,
+                                   ceiling)
   if num <= 1:
     return fn(q, mask)
   split = lambda x: x[:num * rows].reshape((num, rows) + x.shape[1:])
@@ -249,11 +255,11 @@ def _column_stats(q, bank, mask, scales, block, expectation):
   return lse, expect / jnp.where(acc > 0, acc, 1.0)[..., None]
 
 
-def _forward(q, bank, mask, scales, num_top, block, expectation):
+def _forward(q, bank, mask, scales, num_top, block, expectation, ceiling):
   """lse ``[S, G]``, expectation ``[S, G, D]`` or None, top-k ``[G, N]``."""
   g, k = q.shape[0], bank.shape[0]
   if not block:
-    return _chunk_stats(q, bank, mask, scales, num_top, expectation)
+    return _chunk_stats(q, bank, mask, scales, num_top, expectation, ceiling)
   lse = expect = None
   if scales:
     # Column blocks stay in cache: measured about 2x faster than one pass
@@ -262,28 +268,30 @@ def _forward(q, bank, mask, scales, num_top, block, expectation):
   top_v, top_i = _no_top(g)
   if num_top:
     rows = max(1, min(g, max(g * block, ROW_CHUNK_LOGITS) // k))
-    _, _, top_v, top_i = _row_chunks(q, bank, mask, (), num_top, False, rows)
+    _, _, top_v, top_i = _row_chunks(q, bank, mask, (), num_top, False, rows,
+                                     ceiling)
   return lse, expect, top_v, top_i
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _stats(q, bank, mask, scales, num_top, block):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _stats(q, bank, mask, scales, num_top, block, ceiling):
   lse, _, top_v, top_i = _forward(q, bank, mask, scales, num_top, block,
-                                  expectation=False)
+                                  expectation=False, ceiling=ceiling)
   return lse, top_v, top_i
 
 
-def _stats_fwd(q, bank, mask, scales, num_top, block):
+def _stats_fwd(q, bank, mask, scales, num_top, block, ceiling):
   # The forward pass also accumulates each query's softmax expectation of
   # the bank rows, E_s[n] = sum_j p_sj n_j: the query gradient is then
   # sum_s g_s c_s E_s[n], with no second pass over the bank.
   lse, expect, top_v, top_i = _forward(q, bank, mask, scales, num_top, block,
-                                       expectation=True)
+                                       expectation=True, ceiling=ceiling)
   return (lse, top_v, top_i), (q, bank, mask, lse, expect)
 
 
-def _stats_bwd(scales, num_top, block, res, cts):
-  del num_top  # The top-k outputs are selection statistics: no gradient.
+def _stats_bwd(scales, num_top, block, ceiling, res, cts):
+  # The top-k outputs are selection statistics: no gradient.
+  del num_top, ceiling
   q, bank, mask, lse, expect = res
   if lse is None:
     return jnp.zeros_like(q), jnp.zeros_like(bank), None
@@ -344,6 +352,8 @@ def bank_stats(
     negative_mask: jax.typing.ArrayLike | None = None,
     axis_name: str | None = None,
     block_size: int | None = None,
+    skip_top: int = 0,
+    max_similarity: float | None = None,
 ) -> BankStats:
   """Log-sum-exps and hardest entries of a bank for each query.
 
@@ -377,6 +387,12 @@ def bank_stats(
     axis_name: mesh axis the bank and the queries are sharded over, or None.
     block_size: bank rows per block. None chooses dense or blocked by size;
       0 forces dense.
+    skip_top: ``r``: the top-k skips each query's ``r`` most similar
+      entries and returns ranks ``r … r + N - 1`` (a hardness range that
+      leaves out the likeliest false negatives).
+    max_similarity: ``c``: entries more similar than ``c`` are never in
+      the top-k (None: no ceiling). Ranks count from the most similar
+      entry at or below ``c``. Neither option touches the log-sum-exp.
 
   Returns:
     A `BankStats` with ``lse [S, B]``, ``top_similarities [B, N]`` and
@@ -384,22 +400,40 @@ def bank_stats(
   """
   n, g, k_local = check_bank(query, negatives, negative_mask, axis_name)
   num_top = _checks.non_negative_int('num_top', num_top)
-  if num_top > n * k_local:
+  skip_top = _checks.non_negative_int('skip_top', skip_top)
+  if num_top + skip_top > n * k_local:
+    asked = f'num_top={num_top}' + (f' + skip_top={skip_top}' if skip_top
+                                    else '')
     raise ValueError(
-        f'num_top={num_top} is larger than the bank ({n * k_local} entries)')
+        f'{asked} is larger than the bank ({n * k_local} entries)')
+  if skip_top and not num_top:
+    raise ValueError(f'skip_top={skip_top} needs num_top > 0')
+  if max_similarity is not None:
+    max_similarity = float(max_similarity)
+    if not math.isfinite(max_similarity):
+      raise ValueError(f'max_similarity must be finite or None, got '
+                       f'{max_similarity}')
   scales = tuple(float(s) for s in scales)
   q = parallel.gather(jnp.asarray(query, jnp.float32), axis_name)
   bank = jnp.asarray(negatives, jnp.float32)
-  local_top = min(num_top, k_local)
+  wanted = num_top + skip_top  # the first skip_top are dropped below
+  local_top = min(wanted, k_local)
   block = _resolve_block_size(block_size, g, k_local)
-  lse, top_v, top_i = _stats(q, bank, negative_mask, scales, local_top, block)
+  lse, top_v, top_i = _stats(q, bank, negative_mask, scales, local_top, block,
+                             max_similarity)
   if lse is None:
     lse = jnp.zeros((0, g), jnp.float32)
   top_v = lax.stop_gradient(top_v)
   top_i = jnp.where(jnp.isfinite(top_v), top_i, -1)
   if axis_name is None:
-    return BankStats(lse, top_v, top_i)
-  return _reduce_to_owner(lse, top_v, top_i, k_local, num_top, n, axis_name)
+    stats = BankStats(lse, top_v, top_i)
+  else:
+    stats = _reduce_to_owner(lse, top_v, top_i, k_local, wanted, n,
+                             axis_name)
+  if not skip_top:
+    return stats
+  return BankStats(stats.lse, stats.top_similarities[:, skip_top:],
+                   stats.top_indices[:, skip_top:])
 
 
 def _reduce_to_owner(lse, top_v, top_i, k_local, num_top, n, axis_name):

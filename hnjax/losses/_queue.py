@@ -126,6 +126,8 @@ def mochi_info_nce(
     negative_mask: jax.typing.ArrayLike | None = None,
     axis_name: str | None = None,
     block_size: int | None = None,
+    skip_top: int = 0,
+    max_similarity: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """MoCHi's loss in one pass over the bank (MoCo v2 when ``num_hard=0``).
 
@@ -148,6 +150,11 @@ def mochi_info_nce(
     negative_mask: optional bool ``[B, K]`` (sharded: ``[G, K / n]``).
     axis_name: mesh axis for a sharded batch and bank (see `info_nce`).
     block_size: bank rows per block (None: automatic; 0: dense).
+    skip_top: mix a hardness range (`samplers.mochi`): ranks ``r … r + N
+      - 1`` of the negatives at or below ``max_similarity``. Either option
+      costs a second pass over the bank for the selection; the loss keeps
+      every real negative.
+    max_similarity: never mix negatives with ``q · n > c`` (None: none).
 
   Returns:
     ``(loss, aux)``: ``[B]`` float32 losses and a dict of ``[B]`` arrays:
@@ -180,12 +187,19 @@ def mochi_info_nce(
   terms = [l_pos, stats.lse[0]]
   best_neg = stats.top_similarities[:, 0] / t
   if num_hard and num_mix + num_query_mix:
+    mixed = stats  # the hardest set, or the asked hardness range:
+    if skip_top or max_similarity is not None:
+      mixed = bank_lib.bank_stats(
+          lax.stop_gradient(q), lax.stop_gradient(negatives),
+          num_top=num_hard, negative_mask=negative_mask, axis_name=axis_name,
+          block_size=block_size, skip_top=skip_top,
+          max_similarity=max_similarity)
     if axis_name is None:
-      l_syn = mochi_logits(key, q, negatives, stats.top_indices,
-                           stats.top_similarities, num_mix=num_mix,
+      l_syn = mochi_logits(key, q, negatives, mixed.top_indices,
+                           mixed.top_similarities, num_mix=num_mix,
                            num_query_mix=num_query_mix) / t
     else:  # The rows of a pair may live on different shards: mix them.
-      h = mochi_mix(key, q, negatives, stats.top_indices, num_mix=num_mix,
+      h = mochi_mix(key, q, negatives, mixed.top_indices, num_mix=num_mix,
                     num_query_mix=num_query_mix, axis_name=axis_name)
       l_syn = jnp.einsum('bd,bmd->bm', q, h) / t
     terms.append(bank_lib.logsumexp(l_syn))

@@ -32,6 +32,8 @@ def mochi(
     negative_mask: jax.typing.ArrayLike | None = None,
     axis_name: str | None = None,
     block_size: int | None = None,
+    skip_top: int = 0,
+    max_similarity: float | None = None,
 ) -> jax.Array:
   """MoCHi synthetic hard negatives (Kalantidis et al., 2020).
 
@@ -73,6 +75,10 @@ def mochi(
       entries are never selected (e.g. `same_id_mask`).
     axis_name: mesh axis the queries and the bank are sharded over, or None.
     block_size: bank rows per block for the selection (None: automatic).
+    skip_top: mix a hardness range: skip each query's ``r`` most similar
+      negatives, the hardest set is ranks ``r … r + N - 1``.
+    max_similarity: negatives with ``q · n > c`` are never mixed (None:
+      no ceiling). See `hardest_negatives`.
 
   Returns:
     ``[B, num_mix + num_query_mix, D]`` float32 unit vectors: type-1 first,
@@ -99,7 +105,7 @@ def mochi(
   stats = bank_lib.bank_stats(
       q, lax.stop_gradient(negatives), num_top=num_hard,
       negative_mask=negative_mask, axis_name=axis_name,
-      block_size=block_size)
+      block_size=block_size, skip_top=skip_top, max_similarity=max_similarity)
   h = mochi_mix(key, q, negatives, stats.top_indices, num_mix=num_mix,
                 num_query_mix=num_query_mix, axis_name=axis_name)
   # A query whose selection met a non-finite query or bank entry (NaN

@@ -20,8 +20,16 @@ def hardest_negatives(
     negative_mask: jax.typing.ArrayLike | None = None,
     axis_name: str | None = None,
     block_size: int | None = None,
+    skip_top: int = 0,
+    max_similarity: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The ``num`` most similar unmasked negatives of each query.
+
+  With ``skip_top = r`` and ``max_similarity = c`` it returns a hardness
+  range instead: negatives more similar than ``c`` are dropped, then the
+  ``r`` most similar of the rest, and the next ``num`` (ranks ``r … r + num
+  - 1``) are returned: hard, but less likely to be false negatives than
+  the very hardest.
 
   Similarities are raw dot products ``q · n`` in float32 (callers normalise).
   Selection is a statistic, not a training signal: both outputs are
@@ -43,6 +51,9 @@ def hardest_negatives(
       False entries are never selected.
     axis_name: mesh axis the queries and the bank are sharded over, or None.
     block_size: bank rows per block (None: automatic; 0: dense).
+    skip_top: ``r >= 0``, the most similar negatives to skip
+      (``num + r <= K``).
+    max_similarity: ``c``, drop negatives with ``q · n > c`` (None: none).
 
   Returns:
     ``(similarities, indices)``: ``[B, N]`` float32 in descending order and
@@ -62,7 +73,8 @@ def hardest_negatives(
   _checks.positive_int('num', num)
   stats = bank_lib.bank_stats(
       query, negatives, num_top=num, negative_mask=negative_mask,
-      axis_name=axis_name, block_size=block_size)
+      axis_name=axis_name, block_size=block_size, skip_top=skip_top,
+      max_similarity=max_similarity)
   return stats.top_similarities, stats.top_indices
 
 

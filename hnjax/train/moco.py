@@ -81,6 +81,8 @@ class StepConfig:
   num_hard: int  # 0: plain MoCo v2
   num_mix: int
   num_query_mix: int
+  skip_top: int
+  max_similarity: float | None
   mask_same_id: bool
   shuffle_bn: bool
   block_size: int | None
@@ -125,9 +127,15 @@ def validate(config: mlc.ConfigDict, num_devices: int) -> None:
     checks.positive(config, 'mochi.num_hard')
     checks.require(config.mochi.num_hard <= k, 'mochi.num_hard',
                    config.mochi.num_hard, f'must be <= queue.size={k}')
-    for f in ('num_mix', 'num_query_mix', 'warmup_epochs'):
+    for f in ('num_mix', 'num_query_mix', 'warmup_epochs', 'skip_top'):
       checks.require(config.mochi[f] >= 0, f'mochi.{f}', config.mochi[f],
                      'must be >= 0')
+    checks.require(config.mochi.num_hard + config.mochi.skip_top <= k,
+                   'mochi.skip_top', config.mochi.skip_top,
+                   f'plus mochi.num_hard must be <= queue.size={k}')
+    checks.require(-1 <= config.mochi.max_similarity, 'mochi.max_similarity',
+                   config.mochi.max_similarity,
+                   'must be >= -1 (>= 1: no ceiling)')
   aug = config.augment
   checks.require(0 < aug.scale_min <= 1, 'augment.scale_min', aug.scale_min,
                  'must be in (0, 1]')
@@ -162,6 +170,9 @@ def _step_config(config, info) -> StepConfig:
       temperature=float(config.temperature), momentum=float(config.momentum),
       num_hard=config.mochi.num_hard if config.method == 'mochi' else 0,
       num_mix=config.mochi.num_mix, num_query_mix=config.mochi.num_query_mix,
+      skip_top=config.mochi.get('skip_top', 0),
+      max_similarity=(None if config.mochi.get('max_similarity', 1.0) >= 1
+                      else float(config.mochi.max_similarity)),
       mask_same_id=config.queue.mask_same_id, shuffle_bn=config.shuffle_bn,
       block_size=None if block < 0 else block, augment=augment)
 
@@ -189,7 +200,8 @@ def _contrastive_body(q, k, queue_keys, queue_ids, ids, key, *, cfg,
       key, q, k, queue_keys, temperature=t,
       num_hard=cfg.num_hard if use_mochi else 0, num_mix=cfg.num_mix,
       num_query_mix=cfg.num_query_mix, negative_mask=mask, axis_name=DATA,
-      block_size=cfg.block_size)
+      block_size=cfg.block_size, skip_top=cfg.skip_top,
+      max_similarity=cfg.max_similarity)
   # Mean negative logit over the whole queue: q . mean(queue) / T.
   n_keys = queue_keys.shape[0] * lax.axis_size(DATA)
   queue_mean = lax.psum(jnp.sum(queue_keys, 0), DATA) / n_keys
