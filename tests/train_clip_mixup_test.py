@@ -62,7 +62,7 @@ class ObjectiveTest(parameterized.TestCase):
   def test_total_is_clip_plus_decayed_mixing_terms(self, epoch):
     k1, k2 = jax.random.split(jax.random.key(0))
     v, t = _unit(k1, (16, 8)), _unit(k2, (16, 8))
-    lam, lam3, scale = 0.3, 0.6, 100.0
+    lam, lam3, scale = 0.3, jnp.array([0.6, 0.2, 0.9]), 100.0
     cfg = _cfg('m3mix')
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     total, terms = jax.jit(self._body(cfg, mesh))(v, t, scale, -10.0, lam,
@@ -72,8 +72,8 @@ class ObjectiveTest(parameterized.TestCase):
     def reference(v, t):
       clip = losses.symmetric_info_nce(v, t, temperature=0.01)
       m2 = losses.m2mix(v, t, lam, temperature=0.07)
-      m3 = {k: losses.m3mix(v, t, lam3, term=k, temperature=0.01)
-            for k in losses.M3MIX_TERMS}
+      m3 = {k: losses.m3mix(v, t, lam3[i], term=k, temperature=0.01)
+            for i, k in enumerate(losses.M3MIX_TERMS)}
       return clip, m2, m3
 
     clip, m2, m3 = reference(v, t)
@@ -93,7 +93,8 @@ class ObjectiveTest(parameterized.TestCase):
     cfg = _cfg(method)
 
     def loss(mesh, v, t):
-      total, _ = self._body(cfg, mesh)(v, t, 10.0, -5.0, 0.4, 0.7, 1.0)
+      total, _ = self._body(cfg, mesh)(v, t, 10.0, -5.0, 0.4,
+                                       jnp.array([0.7, 0.1, 0.5]), 1.0)
       return jnp.mean(total)
 
     one = parallel.make_mesh(devices=jax.devices()[:1])

@@ -17,8 +17,8 @@ objective):
    * ``m2mix``: CLIP + ``m2mix.weight`` · `hnjax.losses.m2mix` (τ₂ =
      ``m2mix.temperature``, λ ~ Beta(β, β) once per step) / (epoch + 1);
    * ``m3mix``: m2mix + the V-, L- and VL-mix terms of
-     `hnjax.losses.m3mix` (their own λ ~ Beta(``m3mix.beta``)), each with
-     its weight, all divided by (epoch + 1);
+     `hnjax.losses.m3mix` (each its own λ ~ Beta(``m3mix.beta``)), each
+     with its weight, all divided by (epoch + 1);
    * ``siglip``: `hnjax.losses.sigmoid_contrastive` with the learnable
      scale and bias;
 
@@ -163,7 +163,10 @@ def validate(config: mlc.ConfigDict, num_devices: int) -> None:
 
 
 def _objective_body(v, t, scale, bias, lam, lam3, epoch, *, cfg):
-  """Per-device body: ``(total [B], terms)``, each term ``[B]`` per pair."""
+  """Per-device body: ``(total [B], terms)``, each term ``[B]`` per pair.
+
+  ``lam`` is m²-mix's λ, ``lam3`` ``[3]`` those of V-, L- and VL-mix.
+  """
   if cfg.method == 'siglip':
     loss = losses.sigmoid_contrastive(v, t, scale=scale, bias=bias,
                                       axis_name=DATA)
@@ -177,10 +180,10 @@ def _objective_body(v, t, scale, bias, lam, lam3, epoch, *, cfg):
                                   axis_name=DATA)
     mix = mix + cfg.m2mix_weight * terms['m2mix']
   if cfg.method == 'm3mix':
-    for term, weight in cfg.m3mix_weights:
+    for i, (term, weight) in enumerate(cfg.m3mix_weights):
       if weight > 0:
         terms[term] = losses.m3mix(
-            v, t, lam3, term=term, temperature=1.0 / scale,
+            v, t, lam3[i], term=term, temperature=1.0 / scale,
             original_negatives=cfg.original_negatives, axis_name=DATA)
         mix = mix + weight * terms[term]
   # §5.3: the mixing terms decay as 1, 1/2, 1/3, ... over (0-based) epochs.
@@ -216,9 +219,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   """
   key = jax.random.fold_in(state.rng, state.step)
   k_lam, k_lam3 = jax.random.split(key)
-  # One λ per step, the same on every device (the key is replicated).
+  # One λ per step and term (the authors draw each with its own
+  # betavariate), the same on every device (the key is replicated).
   lam = jax.random.beta(k_lam, cfg.m2mix_beta, cfg.m2mix_beta)
-  lam3 = jax.random.beta(k_lam3, cfg.m3mix_beta, cfg.m3mix_beta)
+  lam3 = jax.random.beta(k_lam3, cfg.m3mix_beta, cfg.m3mix_beta,
+                         (len(losses.M3MIX_TERMS),))
   epoch = (state.step // cfg.steps_per_epoch).astype(jnp.float32)
   x = augment.eval_transform(batch['image'], out_size=cfg.image_size,
                              mean=cfg.mean, std=cfg.std)
