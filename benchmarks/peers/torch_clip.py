@@ -1,22 +1,26 @@
 """PyTorch peer: CLIP + m²-mix (+ m³-mix) as the authors' ``main.py`` computes it.
 
-Source followed: changdaeoh/multimodal-mixup ``main.py`` (``sph_inter``, the
-``do_train`` loss block, ``clip_loss`` / ``clip_loss2`` of ``loss.py``) as
-ALGORITHMS.md §5 transcribes it; written from that reading, not copied. On
-unit-norm image and text features ``v``, ``t`` [B, D]:
+Source followed: changdaeoh/multimodal-mixup ``main.py`` (``sph_inter`` and
+the loss block of ``do_train``) and ``loss.py`` (``cross_entropy`` with dense
+targets, ``clip_loss``, ``clip_loss2``, ``calc_mix_loss``), as ALGORITHMS.md §5
+transcribes them; written from that reading, not copied. On unit-norm image
+and text features ``v``, ``t`` [B, D], with I = eye(B), J = flip(I):
 
-  clip   = ½[CE(v tᵀ/τ, I) + CE(t vᵀ/τ, I)]                    (τ = 0.01)
-  λ      ~ numpy Beta(β₂, β₂)
-  m      = sph_inter(v, t, λ) = sin(λθ)/sin θ · v + sin((1-λ)θ)/sin θ · t
-  L_img  = (v tᵀ ⊙ I + v mᵀ ⊙ (1 - I)) / τ₂,  L_txt the same with t
-  m2     = CE(L_img, I) + CE(L_txt, I)                          (τ₂ = 0.07)
-  total  = clip + w · m2 / (epoch + 1)                          (epoch 0)
+  clip   = clip_loss(v tᵀ/τ, I) = ½[CE(v tᵀ/τ, I) + CE(t vᵀ/τ, I)]     (τ = 0.01)
+  vmix   = calc_mix_loss(sph_inter(v, flip(v), λ₁) tᵀ/τ, λ₁)   (λ₁I + (1-λ₁)J)
+  lmix   = calc_mix_loss(v sph_inter(t, flip(t), λ₂)ᵀ/τ, λ₂)
+  vlmix  = clip_loss(v̂ t̂ᵀ/τ, I + J)                  (v̂, t̂ mixed with λ₃)
+  m      = sph_inter(v, t, λ₄) = sin(λθ)/sin θ · v + sin((1-λ)θ)/sin θ · t
+  m2     = clip_loss2((v tᵀ ⊙ I + v mᵀ ⊙ (1-I))/τ₂, I, (t vᵀ ⊙ I + t mᵀ ⊙ (1-I))/τ₂, I)
+  total  = clip + (0.05 vmix + 0.05 lmix + 0.1 vlmix + 0.01 m2) / (epoch + 1)
 
-and for ``m3=True`` the V-, L- and VL-mix terms with the flipped partner
-(soft targets λI + (1-λ)J, I + J; ``calc_mix_loss``). Eager PyTorch on the
-CPU, float32, ``torch.set_num_threads(2)``; fwd + bwd w.r.t. both feature
-matrices (leaf tensors). Memory: the peak resident memory growth during
-the first step of a fresh process (Linux VmHWM).
+(τ₂ = 0.07, ``--sep_scale``; the m³ terms only with ``m3=True``, the m² term
+only with ``m2=True``; epoch 0). Each term draws its own λ, as the authors'
+code does (they use ``random.betavariate`` and cast λ to fp16; here numpy
+``Beta(0.5, 0.5)`` in float32). Eager PyTorch on the CPU, float32,
+``torch.set_num_threads(2)``; fwd + bwd w.r.t. both feature matrices (leaf
+tensors). Memory: the peak resident memory growth during the first step of a
+fresh process (Linux VmHWM).
 """
 
 import resource
@@ -24,62 +28,75 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 NUM_THREADS = 2
+WEIGHTS = dict(vmix=0.05, lmix=0.05, vlmix=0.1, mmmix=0.01)
 
 
 def sph_inter(a, b, s):
-  theta = torch.acos((a * b).sum(dim=1)).view(a.shape[0], 1)
+  theta = torch.acos((a * b).sum(dim=[1])).view(a.shape[0], 1)
   n1 = torch.sin(s * theta) / torch.sin(theta) * a
   n2 = torch.sin((1 - s) * theta) / torch.sin(theta) * b
   return n1 + n2
 
 
-def clip_loss(logits_per_image, logits_per_text):
-  labels = torch.arange(logits_per_image.shape[0])
-  return (F.cross_entropy(logits_per_image, labels) +
-          F.cross_entropy(logits_per_text, labels)) / 2
+def cross_entropy(preds, targets):
+  return (-targets * torch.log_softmax(preds, dim=-1)).sum(1)
 
 
-def clip_loss2(logits_img, logits_txt):
-  labels = torch.arange(logits_img.shape[0])
-  return F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt,
-                                                               labels)
+def clip_loss(logits, targets):
+  img_loss = cross_entropy(logits, targets)
+  txt_loss = cross_entropy(logits.T, targets.T)
+  return ((img_loss + txt_loss) / 2.0).mean()
 
 
-def soft_clip_loss(logits, targets):
-  """Mean over rows and columns of the soft cross-entropy (calc_mix_loss)."""
-  row = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
-  col = -(targets.t() * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
-  return (row + col) / 2
+def clip_loss2(logits1, targets, logits2, targets2):
+  del targets2  # their code scores logits2 against `targets` too
+  return (cross_entropy(logits1, targets).mean() +
+          cross_entropy(logits2, targets).mean())
 
 
-def loss_fn(v, t, lam, lam3, *, tau=0.01, tau2=0.07, w=0.01, m2=True,
-            m3=False, weights=(0.05, 0.05, 0.1)):
-  logits = v @ t.t() / tau
-  loss = clip_loss(logits, logits.t())
-  if not m2:
-    return loss
+def calc_mix_loss(logits_mix, lamb):
+  eye = torch.eye(logits_mix.shape[0])
+  return clip_loss(logits_mix, eye * lamb + (1 - lamb) * torch.flip(
+      eye, dims=[0]))
+
+
+def loss_fn(v, t, lams, *, m2=True, m3=False, tau=0.01, tau2=0.07, epoch=0):
+  """The ``do_train`` loss; ``lams`` maps vmix/lmix/vlmix/mmmix to λ."""
+  temperature1, temperature2 = 1.0 / tau, 1.0 / tau2
+  logits_per_image = v @ t.T
+  logits_per_text = logits_per_image.T
   eye = torch.eye(v.shape[0])
-  mixed = sph_inter(v, t, lam)
-  base = v @ t.t()
-  logits_img = (base * eye + (v @ mixed.t()) * (1 - eye)) / tau2
-  logits_txt = (base.t() * eye + (t @ mixed.t()) * (1 - eye)) / tau2
-  mix = w * clip_loss2(logits_img, logits_txt)
+  flip, off = torch.flip(eye, dims=[0]), 1 - eye
+  loss = clip_loss(logits_per_image * temperature1, eye)
+  loss_mix = torch.zeros([])
   if m3:
-    flip = torch.flip(eye, dims=[0])
-    v_hat = sph_inter(v, torch.flip(v, dims=[0]), lam3)
-    t_hat = sph_inter(t, torch.flip(t, dims=[0]), lam3)
-    soft = lam3 * eye + (1 - lam3) * flip
-    mix = mix + weights[0] * soft_clip_loss(v_hat @ t.t() / tau, soft)
-    mix = mix + weights[1] * soft_clip_loss(v @ t_hat.t() / tau, soft)
-    mix = mix + weights[2] * soft_clip_loss(v_hat @ t_hat.t() / tau,
-                                            eye + flip)
-  return loss + mix  # epoch 0: the mixing weight is not decayed yet
+    lamb = lams['vmix']
+    pos1 = sph_inter(v, torch.flip(v, dims=[0]), lamb)
+    loss_mix += WEIGHTS['vmix'] * calc_mix_loss(pos1 @ t.T * temperature1,
+                                                lamb)
+    lamb = lams['lmix']
+    pos1 = sph_inter(t, torch.flip(t, dims=[0]), lamb)
+    loss_mix += WEIGHTS['lmix'] * calc_mix_loss(v @ pos1.T * temperature1,
+                                                lamb)
+    lamb = lams['vlmix']
+    v_mixed = sph_inter(v, torch.flip(v, dims=[0]), lamb)
+    t_mixed = sph_inter(t, torch.flip(t, dims=[0]), lamb)
+    loss_mix += WEIGHTS['vlmix'] * clip_loss(
+        v_mixed @ t_mixed.T * temperature1, eye + flip)
+  if m2:
+    neg1 = sph_inter(v, t, lams['mmmix'])
+    logits_per_image2 = logits_per_image * eye + (v @ neg1.T) * off
+    logits_per_text2 = logits_per_text * eye + (t @ neg1.T) * off
+    loss_mix += WEIGHTS['mmmix'] * clip_loss2(
+        logits_per_image2 * temperature2, eye,
+        logits_per_text2 * temperature2, eye)
+  return loss + loss_mix / (epoch + 1)  # their --schedule
 
 
 def _inputs(b, d, seed):
+  # The same arrays as benchmarks/clip.py's embeddings().
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(2, b, d)).astype(np.float32)
   x /= np.linalg.norm(x, axis=-1, keepdims=True)
@@ -87,23 +104,29 @@ def _inputs(b, d, seed):
           torch.tensor(x[1], requires_grad=True))
 
 
-def loss_value(b, d, seed, lam, lam3, **kw):
-  """The loss on ``_inputs(b, d, seed)`` (for the agreement check)."""
+def _lams(values):
+  return {k: torch.tensor(x, dtype=torch.float32)
+          for k, x in zip(('vmix', 'lmix', 'vlmix', 'mmmix'), values)}
+
+
+def loss_value(b, d, seed, lams, **kw):
+  """The loss on ``_inputs(b, d, seed)`` with the λs (vmix, lmix, vlmix,
+  mmmix) given, for the agreement check."""
+  torch.set_num_threads(NUM_THREADS)
   v, t = _inputs(b, d, seed)
-  return float(loss_fn(v, t, torch.tensor(lam), torch.tensor(lam3), **kw))
+  return float(loss_fn(v, t, _lams(lams), **kw))
 
 
 def time_loss(b, d, iters, *, m2=True, m3=False, seed=0, warmup=2):
-  """Median / min ms of fwd+bwd at batch ``b``, and the peak memory."""
+  """Median / min ms of fwd+bwd at batch ``b``, and the peak memory (MiB)."""
   torch.set_num_threads(NUM_THREADS)
   v, t = _inputs(b, d, seed)
   rng = np.random.default_rng(seed)
 
   def step():
-    lam = torch.tensor(rng.beta(0.5, 0.5), dtype=torch.float32)
-    lam3 = torch.tensor(rng.beta(0.5, 0.5), dtype=torch.float32)
+    lams = _lams(rng.beta(0.5, 0.5, size=4))
     v.grad = t.grad = None
-    loss_fn(v, t, lam, lam3, m2=m2, m3=m3).backward()
+    loss_fn(v, t, lams, m2=m2, m3=m3).backward()
 
   peak = _peak_mb(step)  # the first step: nothing cached by the allocator
   for _ in range(warmup):
