@@ -14,3 +14,14 @@ jax.config.update('jax_num_cpu_devices', 8)
 # Tests check semantics on tiny arrays: compile time dominates, so skip
 # XLA's expensive optimisation passes (as the flax examples' tests do).
 jax.config.update('jax_disable_most_optimizations', True)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Slow end-to-end tests first (stable order otherwise).
+
+  With ``-n 2`` the tests that start last set the suite's wall time: a
+  minute-long launcher test collected last keeps one worker busy while the
+  other is idle. Started first, they overlap with the many short tests.
+  """
+  del config
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)
