@@ -24,10 +24,11 @@ fresh process (Linux VmHWM).
 """
 
 import resource
-import time
 
 import numpy as np
 import torch
+
+from benchmarks.peers import torch_negatives  # timing and /proc helpers
 
 NUM_THREADS = 2
 WEIGHTS = dict(vmix=0.05, lmix=0.05, vlmix=0.1, mmmix=0.01)
@@ -129,23 +130,9 @@ def time_loss(b, d, iters, *, m2=True, m3=False, seed=0, warmup=2):
     loss_fn(v, t, lams, m2=m2, m3=m3).backward()
 
   peak = _peak_mb(step)  # the first step: nothing cached by the allocator
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    step()
-    times.append(1e3 * (time.perf_counter() - t0))
-  return dict(median_ms=float(np.median(times)), min_ms=float(np.min(times)),
-              peak_mb=peak)
-
-
-def _status_kb(field):
-  with open('/proc/self/status') as f:
-    for line in f:
-      if line.startswith(field + ':'):
-        return int(line.split()[1])
-  raise KeyError(field)
+  out = torch_negatives._time(step, iters, warmup)  # pylint: disable=protected-access
+  out['peak_mb'] = peak
+  return out
 
 
 def _peak_mb(step):
@@ -154,9 +141,9 @@ def _peak_mb(step):
   try:
     with open('/proc/self/clear_refs', 'w') as f:
       f.write('5')
-    before = _status_kb('VmRSS')
+    before = torch_negatives._status_kb('VmRSS')  # pylint: disable=protected-access
     step()
-    return (_status_kb('VmHWM') - before) / 1024
+    return (torch_negatives._status_kb('VmHWM') - before) / 1024  # pylint: disable=protected-access
   except OSError:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step()
