@@ -55,6 +55,29 @@ class ShapesGenerationTest(absltest.TestCase):
     self.assertEqual(self.data['caption'], again['caption'])
     self.assertFalse(np.array_equal(self.data['image'], other['image']))
 
+  def test_alt_image_same_shape_other_background(self):
+    img = self.data['image'].astype(float)
+    alt = self.data['alt_image'].astype(float)
+    self.assertEqual(alt.shape, img.shape)
+    yy, xx = np.mgrid[:32, :32] + 0.5
+    inside, outside = [], []
+    for i in np.flatnonzero(self.data['shape'] == 0)[:40]:  # circles
+      d = np.hypot(xx - self.data['x'][i], yy - self.data['y'][i])
+      diff = np.abs(img[i] - alt[i]).mean(-1)
+      inside.append(np.median(diff[d < self.data['size'][i] - 1]))
+      outside.append(np.median(diff[d > self.data['size'][i] + 1]))
+    # The shape's pixels differ by the two noises only (sigma <= 0.06);
+    # the background is another one.
+    self.assertLess(np.median(inside), 12)
+    self.assertGreater(np.median(outside), 40)
+    # alt_image has its own random stream: image does not depend on it.
+    real = shapes._render
+    with mock.patch.object(shapes, '_render', lambda rng, f, _: real(
+        rng, f, np.random.default_rng(123))):
+      other = shapes.generate(400, seed=7)
+    np.testing.assert_array_equal(other['image'], self.data['image'])
+    self.assertFalse(np.array_equal(other['alt_image'], alt))
+
   def test_classes_exactly_balanced(self):
     counts = np.bincount(self.data['label'], minlength=shapes.NUM_CLASSES)
     np.testing.assert_array_equal(counts, np.full(20, 20))

@@ -414,7 +414,8 @@ def augment_batch(keys, images, config=AugmentConfig()):
   return jax.vmap(lambda k, im: augment_example(k, im, config))(keys, images)
 
 
-def two_views(keys, images, config=AugmentConfig(), config_k=None):
+def two_views(keys, images, config=AugmentConfig(), config_k=None,
+              images_k=None):
   """The query and key views of MoCo, with independent randomness.
 
   Args:
@@ -423,22 +424,30 @@ def two_views(keys, images, config=AugmentConfig(), config_k=None):
     images: uint8 ``[b, H, W, C]``.
     config: ``AugmentConfig`` of view q.
     config_k: ``AugmentConfig`` of view k; default ``config``.
+    images_k: uint8 ``[b, H, W, C]`` that view k is drawn from (e.g. the
+      same object photographed again); default ``images``.
 
   Returns:
     ``(view_q, view_k)``, each float32 ``[b, out_size, out_size, C]``.
   """
   keys_q = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
   keys_k = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+  images = jnp.asarray(images)
+  images_k = images if images_k is None else jnp.asarray(images_k)
+  if images_k.shape != images.shape:
+    raise ValueError(
+        f'images_k must have the shape of images {images.shape}, got '
+        f'{images_k.shape}'
+    )
   if config_k is not None and config_k != config:
     return (
         augment_batch(keys_q, images, config),
-        augment_batch(keys_k, images, config_k),
+        augment_batch(keys_k, images_k, config_k),
     )
   # One vmap over both views: half the tracing and compiling.
-  images = jnp.asarray(images)
   views = augment_batch(
       jnp.concatenate([keys_q, keys_k]),
-      jnp.concatenate([images, images]),
+      jnp.concatenate([images, images_k]),
       config,
   )
   return views[: len(keys)], views[len(keys) :]

@@ -11,9 +11,20 @@ regression target), ``angle`` (degrees within the shape's symmetry period),
 
 Colours vary within a class (hue +-10 degrees, saturation and value in
 [0.55, 1]), and the clutter uses all hues, so colour and shape must both be
-read from the shape itself. Generation is vectorised numpy, deterministic in
-``seed`` and the split: about 7 s for the 22000 default images on one core,
-plus about as long for tfds to write them.
+read from the shape itself.
+
+Each example also has ``alt_image``: the same shape, pixel for pixel, drawn
+over a background, clutter and noise of its own. Two augmentations of one
+image share its background, and a hue histogram of the background alone
+pairs them, so self-supervised methods learn the background colour and
+little of the shape; MoCo on shapes32 augments its key view from
+``alt_image`` instead (``data.key_image``), which removes that shortcut and
+leaves the classes as they are. ``image`` does not depend on ``alt_image``
+(separate random streams).
+
+Generation is vectorised numpy, deterministic in ``seed`` and the split:
+about 9 s for the 22000 default images and their second renderings on one
+core, plus about as long for tfds to write them.
 """
 
 import dataclasses
@@ -172,27 +183,29 @@ def _composite(img, alpha, rgb):
   img[b, y, x] -= a * (img[b, y, x] - rgb[b])
 
 
-def _render(rng, f):
-  """Renders the images ``[b, 32, 32, 3]`` uint8 of one chunk of factors."""
-  b = f['label'].shape[0]
-  f32 = functools.partial(np.asarray, dtype=np.float32)
+def _col(a):
+  """Per-example values ``[b]`` -> ``[b, 1, 1]`` float32, broadcast over pixels."""
+  return np.asarray(a, np.float32)[:, None, None]
 
-  def col(a):  # per-example values [b] -> [b, 1, 1], broadcast over pixels
-    return f32(a)[:, None, None]
+
+_GRID = np.arange(IMAGE_SIZE, dtype=np.float32) + 0.5  # pixel centres
+_GX, _GY = _GRID[None, None, :], _GRID[None, :, None]
+
+
+def _background(rng, b):
+  """Backgrounds ``[b, 32, 32, 3]`` float32 in [0, 1] (before the shape)."""
+  f32 = functools.partial(np.asarray, dtype=np.float32)
 
   def u(lo, hi):
     return rng.uniform(lo, hi, b)
 
-  grid = np.arange(IMAGE_SIZE, dtype=np.float32) + 0.5  # pixel centres
-  gx, gy = grid[None, None, :], grid[None, :, None]
-
-  # Background: a low-saturation colour with a linear brightness gradient.
+  # A low-saturation colour with a linear brightness gradient.
   bg = f32(_hsv_to_rgb(u(0, 1), u(0, 0.3), u(0.15, 0.85)))
   theta = u(0, 2 * np.pi)
   slope = u(0, 0.25) / 16
-  ramp = col(slope * np.cos(theta)) * (gx - 16) + col(slope * np.sin(theta)) * (
-      gy - 16
-  )
+  ramp = _col(slope * np.cos(theta)) * (_GX - 16) + _col(
+      slope * np.sin(theta)
+  ) * (_GY - 16)
   img = bg[:, None, None, :] + ramp[..., None]
 
   # Clutter behind the shape: 1-4 thin segments and maybe a small disc, of
@@ -202,28 +215,55 @@ def _render(rng, f):
     ends = rng.uniform(0, IMAGE_SIZE, (4, b))
     width = u(0.5, 1.0)
     rgb = f32(_hsv_to_rgb(u(0, 1), u(0.3, 1), u(0.3, 1)))
-    d = _segment_sdf(gx, gy, *(col(e) for e in ends))
-    alpha = np.clip(col(width) + 0.5 - d, 0, 1) * col(0.7 * (i < num_lines))
+    d = _segment_sdf(_GX, _GY, *(_col(e) for e in ends))
+    alpha = np.clip(_col(width) + 0.5 - d, 0, 1) * _col(0.7 * (i < num_lines))
     _composite(img, alpha, rgb)
   cx, cy, radius = u(0, IMAGE_SIZE), u(0, IMAGE_SIZE), u(1.5, 3.0)
   rgb = f32(_hsv_to_rgb(u(0, 1), u(0.3, 1), u(0.3, 1)))
-  d = np.hypot(gx - col(cx), gy - col(cy)) - col(radius)
-  _composite(img, np.clip(0.5 - d, 0, 1) * col(u(0, 1) < 0.5), rgb)
+  d = np.hypot(_GX - _col(cx), _GY - _col(cy)) - _col(radius)
+  _composite(img, np.clip(0.5 - d, 0, 1) * _col(u(0, 1) < 0.5), rgb)
+  return img
 
-  # The shape, anti-aliased by its signed distance.
-  hue = np.take(_HUES, f['colour']) / 360 + u(-10, 10) / 360
-  rgb = f32(_hsv_to_rgb(hue, u(0.55, 1), u(0.55, 1)))
+
+def _shape_layer(rng, f):
+  """Each example's shape: coverage ``[b, 32, 32]`` and colour ``[b, 3]``."""
+  b = f['label'].shape[0]
+  # Anti-aliased by its signed distance.
+  hue = np.take(_HUES, f['colour']) / 360 + rng.uniform(-10, 10, b) / 360
+  rgb = np.asarray(
+      _hsv_to_rgb(hue, rng.uniform(0.55, 1, b), rng.uniform(0.55, 1, b)),
+      np.float32,
+  )
   a = np.deg2rad(f['angle'])
-  dx, dy = gx - col(f['x']), gy - col(f['y'])
-  px = col(np.cos(a)) * dx + col(np.sin(a)) * dy
-  py = col(np.cos(a)) * dy - col(np.sin(a)) * dx
-  d = _shape_sdf(f['shape'], px, py, np.broadcast_to(col(f['size']), px.shape))
-  _composite(img, np.clip(0.5 - d, 0, 1), rgb)
+  dx, dy = _GX - _col(f['x']), _GY - _col(f['y'])
+  px = _col(np.cos(a)) * dx + _col(np.sin(a)) * dy
+  py = _col(np.cos(a)) * dy - _col(np.sin(a)) * dx
+  d = _shape_sdf(f['shape'], px, py, np.broadcast_to(_col(f['size']), px.shape))
+  return np.clip(0.5 - d, 0, 1), rgb
 
-  sigma = col(u(0.02, 0.06))[..., None]
+
+def _finish(rng, img):
+  """Adds pixel noise and quantises to uint8."""
+  sigma = _col(rng.uniform(0.02, 0.06, img.shape[0]))[..., None]
   img += rng.standard_normal(img.shape, dtype=np.float32) * sigma
-  img = np.clip(img * 255 + 0.5, 0, 255)
-  return img.astype(np.uint8)
+  return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _render(rng, f, alt_rng):
+  """Renders one chunk of factors: ``image`` and ``alt_image`` uint8.
+
+  ``alt_image`` holds the very same shape (pixels of coverage and colour)
+  over a new background, clutter and noise drawn from ``alt_rng``, so that
+  ``rng``'s stream, hence ``image``, does not depend on it.
+  """
+  b = f['label'].shape[0]
+  img = _background(rng, b)
+  alpha, rgb = _shape_layer(rng, f)
+  _composite(img, alpha, rgb)
+  img = _finish(rng, img)
+  alt = _background(alt_rng, b)
+  _composite(alt, alpha, rgb)
+  return img, _finish(alt_rng, alt)
 
 
 def generate(num_examples, seed=0):
@@ -235,27 +275,27 @@ def generate(num_examples, seed=0):
     seed: integer seed; equal seeds give identical examples.
 
   Returns:
-    A dict of numpy arrays: ``image`` uint8 ``[n, 32, 32, 3]``, ``label``,
+    A dict of numpy arrays: ``image`` and ``alt_image`` (the same shape
+    over another background) uint8 ``[n, 32, 32, 3]``, ``label``,
     ``shape``, ``colour`` int64 ``[n]``, ``size``, ``angle``, ``x``, ``y``
     float32 ``[n]`` and ``caption`` (a list of ``n`` strings).
   """
   if num_examples < 0:
     raise ValueError(f'num_examples must be >= 0, got {num_examples}')
   rng = np.random.default_rng([seed, 0x5A4E])
+  alt_rng = np.random.default_rng([seed, 0x5A4E, 1])
   f = _sample_factors(rng, num_examples)
-  images = [
-      _render(rng, {k: v[i : i + _CHUNK] for k, v in f.items()})
+  chunks = [
+      _render(rng, {k: v[i : i + _CHUNK] for k, v in f.items()}, alt_rng)
       for i in range(0, num_examples, _CHUNK)
   ]
   out = {k: v.astype(np.int64) for k, v in f.items() if v.dtype.kind == 'i'}
   out.update(
       {k: v.astype(np.float32) for k, v in f.items() if v.dtype.kind == 'f'}
   )
-  out['image'] = (
-      np.concatenate(images)
-      if images
-      else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-  )
+  empty = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+  for i, name in enumerate(('image', 'alt_image')):
+    out[name] = np.concatenate([c[i] for c in chunks]) if chunks else empty
   keys = ('shape', 'colour', 'size', 'angle', 'x', 'y')
   out['caption'] = [
       caption(*(f[k][i] for k in keys)) for i in range(num_examples)
@@ -275,7 +315,11 @@ class Shapes32Config(tfds.core.BuilderConfig):
 class Shapes32(tfds_base.LocalBuilder):
   """shapes32 as a local tfds builder (nothing to download)."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': 'alt_image: each shape again over another background.',
+  }
   BUILDER_CONFIGS = [
       Shapes32Config(name='default', description='20000 train, 2000 test.'),
       Shapes32Config(
@@ -297,6 +341,9 @@ class Shapes32(tfds_base.LocalBuilder):
                 # TensorFlow; raw bytes, not the default int64 list of
                 # pixels (8x faster I/O).
                 'image': tfds.features.Tensor(
+                    shape=hw, dtype=np.uint8, encoding='bytes'
+                ),
+                'alt_image': tfds.features.Tensor(
                     shape=hw, dtype=np.uint8, encoding='bytes'
                 ),
                 'label': tfds.features.ClassLabel(names=CLASS_NAMES),
