@@ -436,6 +436,63 @@ def bank_stats(
                    stats.top_indices[:, skip_top:])
 
 
+def count_above(
+    query: jax.typing.ArrayLike,
+    negatives: jax.typing.ArrayLike,
+    threshold: jax.typing.ArrayLike,
+    *,
+    negative_mask: jax.typing.ArrayLike | None = None,
+    axis_name: str | None = None,
+    block_size: int | None = None,
+) -> jax.Array:
+  """How many bank entries each query finds more similar than a threshold.
+
+  ``count_b = #{j : q_b · n_j > t_b}`` over the unmasked entries, computed
+  in float32 a block of the bank at a time (never ``[G, K]`` when blocked,
+  as `bank_stats`). With ``threshold = q · k`` (the positive's similarity)
+  ``1 + count`` is the positive's rank among all candidates. No gradient.
+
+  Args:
+    query: ``[B, D]`` queries (local rows when sharded).
+    negatives: ``[K, D]`` bank (``[K / n, D]`` local shard when sharded).
+    threshold: ``[B]`` one threshold per query.
+    negative_mask: optional boolean ``[B, K]`` (sharded: ``[G, K / n]``);
+      False entries are never counted.
+    axis_name: mesh axis the bank and the queries are sharded over, or None
+      (inside ``jax.shard_map``, counts are over the whole bank).
+    block_size: bank rows per block (None: automatic; 0: dense).
+
+  Returns:
+    int32 ``[B]`` counts. A non-finite query or threshold counts nothing.
+  """
+  n, g, k_local = check_bank(query, negatives, negative_mask, axis_name)
+  if jnp.shape(threshold) != (g // n,):
+    raise ValueError(f'threshold must have shape [batch] = ({g // n},), got '
+                     f'{jnp.shape(threshold)}')
+  q = parallel.gather(lax.stop_gradient(jnp.asarray(query, jnp.float32)),
+                      axis_name)
+  t = parallel.gather(lax.stop_gradient(jnp.asarray(threshold, jnp.float32)),
+                      axis_name)
+  bank = lax.stop_gradient(jnp.asarray(negatives, jnp.float32))
+  block = _resolve_block_size(block_size, g, k_local)
+
+  def count(start, size):
+    x = q @ lax.dynamic_slice_in_dim(bank, start, size).T  # [G, size]
+    x = _masked(x, negative_mask, start, size)
+    return jnp.sum(x > t[:, None], axis=1, dtype=jnp.int32)
+
+  if block == 0:
+    counts = count(0, k_local)
+  else:
+    zero = _varying_like(jnp.zeros((g,), jnp.int32), q, bank)
+    counts = _scan_blocks(lambda c, start, size: c + count(start, size), zero,
+                          k_local, block)
+  if axis_name is not None:  # every shard's counts of the owner's queries
+    counts = lax.psum_scatter(counts, axis_name, scatter_dimension=0,
+                              tiled=True)
+  return counts
+
+
 def _reduce_to_owner(lse, top_v, top_i, k_local, num_top, n, axis_name):
   """Combines per-shard statistics of all G queries on their owners."""
   b = lse.shape[1] // n

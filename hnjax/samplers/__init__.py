@@ -1,5 +1,6 @@
 """Hard-negative selection and synthesis: pure ``(key, arrays) -> arrays``."""
 
+from hnjax.samplers.diagnostics import hardness_diagnostics
 from hnjax.samplers.geodesic import geodesic_mix
 from hnjax.samplers.mochi import mochi
 from hnjax.samplers.mochi import mochi_logits
@@ -18,6 +19,7 @@ __all__ = [
     'geodesic_mix',
     'guide_margin_mask',
     'hard_top_k_mask',
+    'hardness_diagnostics',
     'hardest_negatives',
     'mochi',
     'mochi_logits',
