@@ -96,6 +96,19 @@ class TwoViewsTest(absltest.TestCase):
     np.testing.assert_allclose(q, self.q, atol=1e-5)
     np.testing.assert_allclose(k, self.k, atol=1e-5)
 
+  def test_key_view_from_other_images(self):
+    # View k is drawn from images_k with the same randomness as it would
+    # be from images: the query view is untouched.
+    other = self.images[8:16]
+    q, k = self.fn(self.keys, self.images[:8], self.config, None, other)
+    np.testing.assert_array_equal(q, self.q)
+    _, k_other = self.fn(self.keys, other, self.config)
+    np.testing.assert_allclose(k, k_other, atol=1e-6)
+    self.assertFalse(np.allclose(k, self.k))
+    with self.assertRaisesRegex(ValueError, 'images_k must have the shape'):
+      augment.two_views(self.keys, self.images[:8], self.config,
+                        images_k=other[:, :10])
+
   def test_example_keys(self):
     a = augment.example_keys(jax.random.key(0), jnp.array([5, 6, 5]))
     data = jax.random.key_data(a)
