@@ -63,6 +63,23 @@ class KnnTest(parameterized.TestCase):
     self.assertEqual(got.dtype, np.int32)
     np.testing.assert_array_equal(np.asarray(got), want)
 
+  def test_several_labelings_share_one_search(self):
+    # A class = 4 * a + b, scored for the class and each factor: equal to
+    # the NumPy reference per labeling (every labeling votes with the same
+    # neighbours, and extra empty classes change no argmax).
+    query, q_lab, bank, b_lab = _data(2, num_classes=8)
+    got = knn.knn_accuracies(
+        query, bank, {'class': (q_lab, b_lab), 'a': (q_lab // 4, b_lab // 4),
+                      'b': (q_lab % 4, b_lab % 4)}, k=10, chunk_size=8)
+    for name, fn, n in (('class', lambda y: y, 8), ('a', lambda y: y // 4, 2),
+                        ('b', lambda y: y % 4, 4)):
+      want = np.mean(_np_knn_predict(query, bank, fn(b_lab), n, 10, 0.1)
+                     == fn(q_lab))
+      self.assertAlmostEqual(got[name], want, msg=name)
+    self.assertLess(got['class'], got['b'])  # not all trivially 1
+    with self.assertRaisesRegex(ValueError, r"labels\['a'\] must have"):
+      knn.knn_accuracies(query, bank, {'a': (q_lab[:3], b_lab)})
+
   def test_k_above_bank_size_equals_k_bank_size(self):
     query, _, bank, bank_labels = _data(1, num_bank=30)
     big = knn.knn_predict(query, bank, bank_labels, num_classes=5, k=200)

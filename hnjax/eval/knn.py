@@ -14,6 +14,7 @@ References:
 from __future__ import annotations
 
 import functools
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -32,19 +33,25 @@ def _knn_predict(
   pad = -num_queries % chunk_size
   chunks = jnp.pad(q, ((0, pad), (0, 0))).reshape(-1, chunk_size, dim)
 
-  def predict_chunk(qc):  # [chunk, D] -> [chunk]
+  def predict_chunk(qc):  # [chunk, D] -> [L, chunk]
     sims = jnp.matmul(qc, b.T, precision=jax.lax.Precision.HIGHEST)  # [c, N]
     top_sims, top_idx = jax.lax.top_k(sims, k)  # [c, k], descending
     # Subtracting each row's max leaves the argmax unchanged and keeps
     # exp() finite for small temperatures.
     weights = jnp.exp((top_sims - top_sims[:, :1]) / temperature)
     rows = jnp.arange(qc.shape[0])[:, None]
-    # A scatter-add keeps memory at [chunk, C], not one-hot's [chunk, k, C].
-    scores = jnp.zeros((qc.shape[0], num_classes), jnp.float32)
-    scores = scores.at[rows, bank_labels[top_idx]].add(weights)
-    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    preds = []
+    for labels in bank_labels:  # label sets share the neighbours
+      # A scatter-add keeps memory at [chunk, C], not one-hot's
+      # [chunk, k, C].
+      scores = jnp.zeros((qc.shape[0], num_classes), jnp.float32)
+      scores = scores.at[rows, labels[top_idx]].add(weights)
+      preds.append(jnp.argmax(scores, axis=-1).astype(jnp.int32))
+    return jnp.stack(preds)
 
-  return jax.lax.map(predict_chunk, chunks).reshape(-1)[:num_queries]
+  out = jax.lax.map(predict_chunk, chunks)  # [chunks, L, chunk]
+  return jnp.moveaxis(out, 1, 0).reshape(len(bank_labels), -1)[
+      :, :num_queries]
 
 
 def knn_predict(
@@ -129,12 +136,12 @@ def knn_predict(
   return _knn_predict(
       query,
       bank,
-      jnp.asarray(labels, jnp.int32),
+      (jnp.asarray(labels, jnp.int32),),
       jnp.float32(temperature),
       num_classes=num_classes,
       k=min(k, bank.shape[0]),
       chunk_size=min(chunk_size, max(query.shape[0], 1)),
-  )
+  )[0]
 
 
 def knn_accuracy(
@@ -182,3 +189,58 @@ def knn_accuracy(
       chunk_size=chunk_size,
   )
   return float(np.mean(np.asarray(pred) == labels))
+
+
+def knn_accuracies(
+    query_features: jax.typing.ArrayLike,
+    bank_features: jax.typing.ArrayLike,
+    labels: Mapping[str, tuple[jax.typing.ArrayLike, jax.typing.ArrayLike]],
+    *,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk_size: int = 256,
+) -> dict[str, float]:
+  """:func:`knn_accuracy` for several labelings, one neighbour search.
+
+  The ``k`` nearest neighbours of each query are found once and vote for
+  each labeling (e.g. a class and its factors: shape and colour); the
+  search, not the vote, is the cost.
+
+  Args:
+    query_features: ``[Q, D]`` embeddings.
+    bank_features: ``[N, D]`` labelled embeddings.
+    labels: ``{name: (query_labels [Q], bank_labels [N])}``, non-negative
+      ints; each labeling has ``max + 1`` classes.
+    k: neighbours per query (capped at ``N``).
+    temperature: vote temperature.
+    chunk_size: queries per chunk.
+
+  Returns:
+    ``{name: accuracy}``, each equal to :func:`knn_accuracy` on that
+    labeling.
+  """
+  query = _arrays.to_local(query_features)
+  bank = _arrays.to_local(bank_features)
+  names = list(labels)
+  pairs = [tuple(np.asarray(_arrays.to_local(x)) for x in labels[n])
+           for n in names]
+  for n, (q_lab, b_lab) in zip(names, pairs):
+    if q_lab.shape != query.shape[:1] or b_lab.shape != bank.shape[:1]:
+      raise ValueError(
+          f'labels[{n!r}] must have shapes {query.shape[:1]} and '
+          f'{bank.shape[:1]}, got {q_lab.shape} and {b_lab.shape}')
+    if min(q_lab.min(initial=0), b_lab.min(initial=0)) < 0:
+      raise ValueError(f'labels[{n!r}] must be >= 0')
+  num_classes = max(int(max(q.max(initial=0), b.max(initial=0))) + 1
+                    for q, b in pairs)
+  # Validates shapes and arguments as knn_predict does.
+  knn_predict(query[:1], bank, pairs[0][1], num_classes=num_classes, k=k,
+              temperature=temperature, chunk_size=chunk_size)
+  preds = _knn_predict(
+      query, bank, tuple(jnp.asarray(b, jnp.int32) for _, b in pairs),
+      jnp.float32(temperature), num_classes=num_classes,
+      k=min(k, bank.shape[0]),
+      chunk_size=min(chunk_size, max(query.shape[0], 1)))
+  preds = np.asarray(preds)
+  return {n: float(np.mean(p == q)) for n, p, (q, _) in zip(names, preds,
+                                                           pairs)}
