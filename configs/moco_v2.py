@@ -14,10 +14,13 @@ Presets after the colon, comma separated:
              several checkpoints, for tests and for trying things out.
 
 Expected results:
-  data=shapes   convnet, 8 epochs, batch 256, K=2048, T=0.1: kNN top-1
-                0.284 +- 0.008 and linear probe 0.340 +- 0.011 (3 seeds), in
-                about 2 minutes on a 2-core x86-64 CPU VM (README, "Results";
-                raw-pixel kNN is 0.257, chance 0.05).
+  data=shapes   convnet, 12 epochs, batch 256, K=2048, T=0.1, key view from
+                alt_image (the same shape over another background): MoCHi
+                kNN top-1 0.4845 (shape 0.49, colour 0.999) and linear probe
+                0.481 in under 4 minutes on a 2-core x86-64 CPU VM; the
+                untrained encoder 0.2225 / 0.252, raw pixels 0.2565 / 0.3055,
+                chance 0.05 (README, "Results"). MoCo v2 against MoCHi over 5
+                seeds: `launch/mochi_study.py`.
   data=cifar10  ResNet-18, 200 epochs, batch 512: the official MoCo CIFAR demo
                 reports kNN 82.6 (asymmetric loss); not run here (no GPU).
   data=imagenet ResNet-50, 200 epochs, batch 256 on 8 accelerators: 67.5
@@ -32,16 +35,23 @@ from configs import common
 # (facebookresearch/moco colab-notebook branch), ImageNet-100 the MoCHi
 # configuration of MaugrimEP/MocoAndMochi, ImageNet MoCo v2.
 _DATA = {
-    # Small objects whose colour is half the label: milder crops, no hue
-    # jitter or grayscale (a 300-step sweep: kNN 0.24 -> 0.29).
+    # Small objects whose colour is half the label: view k from alt_image
+    # (the same shape over another background; without it both views share
+    # their background, which alone pairs them), crops of >= 90% (smaller
+    # ones cut the shape off), hue jitter 0.05 (less than the 55 degrees
+    # between colour classes), no grayscale. README, "Results".
     'shapes': dict(
         name='shapes32', image_size=32, backbone='convnet', batch_size=256,
-        num_epochs=8, queue_size=2048, temperature=0.1, momentum=0.99,
+        num_epochs=12, queue_size=2048, temperature=0.1, momentum=0.99,
         learning_rate=0.06, weight_decay=5e-4, blur_prob=0.0,
-        scale_min=0.6, hue=0.0, grayscale_prob=0.0,
-        mochi=(128, 128, 32), mochi_warmup_epochs=1, probe_epochs=30),
+        scale_min=0.9, hue=0.05, grayscale_prob=0.0,
+        mochi=(128, 128, 32), mochi_warmup_epochs=1, probe_epochs=30,
+        key_image='alt_image', knn_factors='shape,colour'),
+    # 8x8 digits: a flip or a crop to 20% of the area makes another digit
+    # (or none); no flips, crops of at least 60%.
     'digits': dict(
         name='digits', image_size=8, backbone='convnet', batch_size=128,
+        flip_prob=0.0, scale_min=0.6,
         num_epochs=60, queue_size=1024, temperature=0.2, momentum=0.99,
         learning_rate=0.06, weight_decay=5e-4, blur_prob=0.0,
         mochi=(64, 64, 32), mochi_warmup_epochs=5, probe_epochs=50),
@@ -59,12 +69,14 @@ _DATA = {
         name='imagenet100', image_size=224, backbone='resnet50',
         batch_size=128, num_epochs=200, queue_size=16384, temperature=0.2,
         momentum=0.999, learning_rate=0.03, weight_decay=1e-4, blur_prob=0.5,
-        mochi=(1024, 1024, 128), mochi_warmup_epochs=10, probe_epochs=100),
+        mochi=(1024, 1024, 128), mochi_warmup_epochs=10, probe_epochs=100,
+        diagnostics=False),
     'imagenet': dict(
         name='imagenet2012', image_size=224, backbone='resnet50',
         batch_size=256, num_epochs=200, queue_size=65536, temperature=0.2,
         momentum=0.999, learning_rate=0.03, weight_decay=1e-4, blur_prob=0.5,
-        mochi=(1024, 512, 256), mochi_warmup_epochs=10, probe_epochs=100),
+        mochi=(1024, 512, 256), mochi_warmup_epochs=10, probe_epochs=100,
+        diagnostics=False),
 }
 
 
@@ -91,6 +103,11 @@ def build(arg: str | None, method: str) -> mlc.ConfigDict:
       d['name'], image_size=d['image_size'],
       load_size=0,  # ImageNet: host-side square before the crop (0: 256)
       classes='')  # imagenet100: comma-separated synsets ('' = CMC list)
+  # The source field that view k is augmented from: 'image' (MoCo), or on
+  # shapes32 'alt_image', the same shape over another background (without
+  # it the two views share their background, and matching backgrounds
+  # solves the pretext task without reading the shape).
+  c.data.key_image = d.get('key_image', 'image')
 
   c.model = mlc.ConfigDict(dict(
       backbone=arg.model or d['backbone'], head='mlp', dim=128,
@@ -111,6 +128,12 @@ def build(arg: str | None, method: str) -> mlc.ConfigDict:
       # hardest negatives nor any more similar than max_similarity (>= 1:
       # no ceiling, unit vectors never exceed it).
       skip_top=0, max_similarity=1.0))
+  # Per step, with the labels the queue keeps: the share of the
+  # mochi.num_hard hardest negatives that have the query's label (false
+  # negatives; with a hardness range also of the mixed ones) and the
+  # positive's median rank among all candidates. One more pass over the
+  # queue per step (off for the 65k-key ImageNet queues).
+  c.hardness_diagnostics = d.get('diagnostics', True)
   if arg.hardness_range:  # skip the K / 100 hardest and any above 0.9
     c.mochi.skip_top = max(d['queue_size'] // 100, 1)
     c.mochi.max_similarity = 0.9
@@ -123,7 +146,8 @@ def build(arg: str | None, method: str) -> mlc.ConfigDict:
       weight_decay=d['weight_decay'])  # schedule 'cosine' or 'constant'
 
   c.augment = mlc.ConfigDict(dict(
-      scale_min=d.get('scale_min', 0.2), flip_prob=0.5, jitter_prob=0.8,
+      scale_min=d.get('scale_min', 0.2), flip_prob=d.get('flip_prob', 0.5),
+      jitter_prob=0.8,
       jitter_strength=0.4, hue=d.get('hue', 0.1),
       grayscale_prob=d.get('grayscale_prob', 0.2), blur_prob=d['blur_prob']))
 
@@ -131,7 +155,16 @@ def build(arg: str | None, method: str) -> mlc.ConfigDict:
       during='knn', final='knn,linear',  # evaluator names, comma separated
       knn_k=200, knn_temperature=0.1,  # InstDisc protocol
       features='backbone',  # or 'projection'
-      probe_epochs=d['probe_epochs'])
+      probe_epochs=d['probe_epochs'],
+      # Label factors also scored by kNN (knn_shape_top1, ...): on shapes32
+      # which half of the label the features carry.
+      knn_factors=d.get('knn_factors', ''),
+      # At the end, the same evaluators on the untrained encoder and on raw
+      # pixels (untrained_knn_top1, raw_pixel_knn_top1, ...).
+      baselines=True,
+      # At the end: alignment and uniformity (Wang & Isola) of two training
+      # views of each test image, on the unit projections.
+      geometry=True)
   common.add_logging(c)
 
   if arg.smoke:
@@ -148,4 +181,6 @@ def build(arg: str | None, method: str) -> mlc.ConfigDict:
     c.ckpt.every_steps = 6
     c.eval.every_steps = 12
     c.eval.probe_epochs = 5
+    c.eval.baselines = False
+    c.eval.geometry = False
   return c

@@ -112,6 +112,36 @@ class BadConfigTest(parameterized.TestCase):
     self.assertIn(expected, str(cm.exception))
     self.assertNotIn('\n', str(cm.exception))
 
+  def test_key_image_must_be_a_field_of_the_data(self):
+    config = mochi_config.get_config('smoke')
+    self.assertEqual(config.data.key_image, 'alt_image')
+    config.data.key_image = 'label_image'
+    with self.assertRaisesRegex(
+        checks.ConfigError, r"data.key_image='label_image': must name an "
+        r'image field of shapes32/small \(it has alt_image, angle,'):
+      moco.prepare(config)
+    config = mochi_config.get_config('smoke')
+    config.eval.knn_factors = 'shape,color'
+    with self.assertRaisesRegex(
+        checks.ConfigError, r"eval.knn_factors='shape,color': 'color' is "
+        r'not an integer field of shapes32/small'):
+      moco.prepare(config)
+
+  def test_ablation_presets(self):
+    base = mochi_config.get_config()
+    for name in mochi_config.ABLATIONS:
+      c = mochi_config.get_config(f'ablation={name}')
+      runner.validate(moco.FAMILY, c, num_devices=8)
+      changed = {k for k in base.mochi if c.mochi[k] != base.mochi[k]}
+      self.assertEqual(bool(changed or c.method != base.method),
+                       name != 'mochi', name)
+    c = mochi_config.get_config('ablation=type2_only')
+    self.assertEqual((c.mochi.num_mix, c.mochi.num_query_mix), (0, 32))
+    self.assertEqual(mochi_config.get_config('ablation=moco_v2').method,
+                     'moco_v2')
+    with self.assertRaisesRegex(ValueError, "unknown ablation 'N'"):
+      mochi_config.get_config('ablation=N')
+
   def test_presets_are_valid(self):
     for get in (mochi_config.get_config, moco_config.get_config):
       for arg in ('', 'data=digits', 'data=cifar10', 'data=imagenet100',
@@ -175,23 +205,41 @@ class InProcessTest(absltest.TestCase):
 
   def test_smoke_on_eight_devices_and_non_finite_stop(self):
     workdir = tempfile.mkdtemp()
-    config = mochi_config.get_config('smoke')
+    config = mochi_config.get_config('smoke,hardness_range')
     config.num_steps = 8
     config.ckpt.every_steps = 4
     config.eval.final = "knn"
     config.eval.every_steps = 0
+    config.eval.baselines = config.eval.geometry = True
     summary = moco.train_and_evaluate(config, workdir)
     self.assertEqual(summary['step'], 8)
+    # What training must beat, and Wang & Isola's geometry of the views.
+    for key in ('untrained_knn_top1', 'raw_pixel_knn_top1',
+                'knn_shape_top1', 'knn_colour_top1',
+                'raw_pixel_knn_colour_top1'):
+      self.assertBetween(summary[key], 0.05, 1.0)
+    # Colour (4 classes) is the easy half of the label for raw pixels.
+    self.assertGreater(summary['raw_pixel_knn_colour_top1'],
+                       summary['raw_pixel_knn_shape_top1'] + 0.2)
+    self.assertNotEqual(summary['untrained_knn_top1'], summary['knn_top1'])
+    self.assertBetween(summary['alignment'], 0.0, 4.0)
+    self.assertBetween(summary['uniformity'], -4.0, 0.0)
     self.assertFalse(summary['interrupted'])
     self.assertLen(summary['state_fingerprint'], 64)
     records = [json.loads(l) for l in open(
         os.path.join(workdir, 'metrics.jsonl'))]
     losses = [r for r in records if 'loss' in r]
     for key in ('loss', 'pos_logit', 'neg_logit', 'hard_neg_sim',
-                'proxy_acc', 'learning_rate', 'grad_norm'):
+                'proxy_acc', 'learning_rate', 'grad_norm',
+                'false_neg_share', 'mixed_false_neg_share'):
       self.assertIn(key, losses[-1])
       self.assertTrue(np.isfinite(losses[-1][key]))
     self.assertEqual(losses[-1]['mochi'], 1.0)
+    # The hardness diagnostics: shares in [0, 1], a rank among 1 + K.
+    for key in ('false_neg_share', 'mixed_false_neg_share'):
+      self.assertBetween(losses[-1][key], 0.0, 1.0)
+    self.assertBetween(losses[-1]['positive_rank'], 1, 513)
+    self.assertTrue(os.path.exists(os.path.join(workdir, 'hardness.png')))
 
     # The queue is sharded over the 8 devices and restores with it.
     state = moco.create_state(

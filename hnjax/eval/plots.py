@@ -9,7 +9,11 @@ Reads a run's logs (``metrics.jsonl`` and ``histograms.jsonl``, see
   ``hard_neg_sim``, or for the metrics named by the caller;
 - ``hist_<name>.png`` for each histogram, e.g. of the similarities of the
   hardest negatives: a heat map of the distribution against the step, and the
-  distributions at a few steps overlaid.
+  distributions at a few steps overlaid;
+- ``hardness.png`` when the run logged hardness diagnostics: the hardest
+  similarities over training next to the share of the hardest negatives
+  that are false negatives (same label as the query) and the positive's
+  median rank among all candidates.
 
 These are the analyses of the MoCHi paper (Kalantidis et al., 2020, Figs. 2-3):
 proxy-task accuracy and the hardness of the negatives over training.
@@ -122,7 +126,48 @@ def plot_run(
             name, records, os.path.join(workdir, f'hist_{name}.png')
         )
     )
+  if 'false_neg_share' in curves:
+    written.append(_plot_hardness(
+        curves, histograms.get('hard_neg_sim'),
+        os.path.join(workdir, 'hardness.png')))
   return written
+
+
+def _plot_hardness(curves, hard_sim_records, path):
+  """Hardest similarities, false-negative share and positive rank."""
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  ax_sim, ax_share, ax_rank = axes
+  if hard_sim_records:
+    edges = np.asarray(hard_sim_records[-1]['edges'], float)
+    centres = (edges[1:] + edges[:-1]) / 2
+    picks = sorted(set(np.linspace(0, len(hard_sim_records) - 1, 5)
+                       .round().astype(int)))
+    colors = plt.get_cmap('plasma')(np.linspace(0, 0.9, len(picks)))
+    for color, i in zip(colors, picks):
+      counts = np.asarray(hard_sim_records[i]['counts'], float)
+      ax_sim.plot(centres, counts / max(counts.sum(), 1), color=color,
+                  label=f'step {hard_sim_records[i]["step"]}')
+    ax_sim.legend()
+  ax_sim.set_xlabel('similarity of the hardest negative')
+  ax_sim.set_ylabel('fraction of queries')
+  ax_sim.set_title('hardest negatives')
+  for name, label in (('false_neg_share', 'hardest N'),
+                      ('mixed_false_neg_share', 'mixed (hardness range)')):
+    if name in curves:
+      _plot_curve(ax_share, *curves[name], label=label)
+  ax_share.set_xlabel('step')
+  ax_share.set_ylabel('share with the query\'s label')
+  ax_share.set_title('false negatives among the hardest')
+  ax_share.legend()
+  if 'positive_rank' in curves:
+    _plot_curve(ax_rank, *curves['positive_rank'])
+    ax_rank.set_yscale('log')
+  ax_rank.set_xlabel('step')
+  ax_rank.set_ylabel('median rank (1: first)')
+  ax_rank.set_title('rank of the positive among all candidates')
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  return _save(fig, path)
 
 
 def _histograms(records):

@@ -40,6 +40,8 @@ from hnjax import queue as queue_lib
 from hnjax import samplers
 from hnjax.eval import evaluators
 from hnjax.eval import features as features_lib
+from hnjax.eval import geometry
+from hnjax.eval import knn as knn_lib
 from hnjax.train import checks
 from hnjax.train import optim as optim_lib
 from hnjax.train import runner
@@ -87,6 +89,10 @@ class StepConfig:
   shuffle_bn: bool
   block_size: int | None
   augment: data.AugmentConfig
+  key_image: str = 'image'  # the batch field view k is augmented from
+  # The false-negative share of the N hardest negatives and the positive's
+  # rank, per step: N (0: off).
+  diagnostics: int = 0
 
 
 # ----------------------------------------------------------------------------
@@ -174,7 +180,10 @@ def _step_config(config, info) -> StepConfig:
       max_similarity=(None if config.mochi.get('max_similarity', 1.0) >= 1
                       else float(config.mochi.max_similarity)),
       mask_same_id=config.queue.mask_same_id, shuffle_bn=config.shuffle_bn,
-      block_size=None if block < 0 else block, augment=augment)
+      block_size=None if block < 0 else block, augment=augment,
+      key_image=config.data.get('key_image', 'image'),
+      diagnostics=(config.mochi.num_hard
+                   if config.get('hardness_diagnostics', False) else 0))
 
 
 # ----------------------------------------------------------------------------
@@ -182,14 +191,15 @@ def _step_config(config, info) -> StepConfig:
 # ----------------------------------------------------------------------------
 
 
-def _contrastive_body(q, k, queue_keys, queue_ids, ids, key, *, cfg,
-                      use_mochi):
+def _contrastive_body(q, k, queue_keys, queue_ids, queue_labels, ids, labels,
+                      key, *, cfg, use_mochi):
   """Per-device body: the MoCo / MoCHi loss of the local queries.
 
-  Local shapes: q, k ``[B, D]``; queue_keys ``[K / n, D]``; queue_ids
-  ``[K / n]``; ids ``[B]``. `hnjax.losses.mochi_info_nce` makes one pass
-  over the local queue shard for the log-sum-exp (with gradient) and the
-  hardest negatives (without), combined across devices.
+  Local shapes: q, k ``[B, D]``; queue_keys ``[K / n, D]``; queue_ids,
+  queue_labels ``[K / n]``; ids, labels ``[B]``.
+  `hnjax.losses.mochi_info_nce` makes one pass over the local queue shard
+  for the log-sum-exp (with gradient) and the hardest negatives (without),
+  combined across devices.
   """
   t = cfg.temperature
   mask = None
@@ -210,6 +220,19 @@ def _contrastive_body(q, k, queue_keys, queue_ids, ids, key, *, cfg,
       neg_logit=lax.stop_gradient(q @ queue_mean) / t,
       hard_neg_sim=aux['hardest_similarity'],
       proxy_acc=aux['positive_first'].astype(jnp.float32))
+  if cfg.diagnostics:  # the same N hardest for MoCo v2 and MoCHi
+    ranged = use_mochi and (cfg.skip_top or cfg.max_similarity is not None)
+    diag = samplers.hardness_diagnostics(
+        q, k, queue_keys, labels, queue_labels,
+        num_hard=cfg.diagnostics,
+        negative_mask=mask, axis_name=DATA, block_size=cfg.block_size,
+        skip_top=cfg.skip_top if ranged else 0,
+        max_similarity=cfg.max_similarity if ranged else None)
+    metrics.update(
+        false_neg_share=diag['false_negative_share'],
+        positive_rank=diag['positive_rank'])
+    if 'selected_false_negative_share' in diag:
+      metrics['mixed_false_neg_share'] = diag['selected_false_negative_share']
   return loss, metrics
 
 
@@ -236,7 +259,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   key = jax.random.fold_in(state.rng, state.step)
   k_aug, k_shuffle, k_mochi = jax.random.split(key, 3)
   views_q, views_k = data.two_views(
-      data.example_keys(k_aug, batch['index']), batch['image'], cfg.augment)
+      data.example_keys(k_aug, batch['index']), batch['image'], cfg.augment,
+      images_k=batch[cfg.key_image])
 
   # Momentum update before the key forward pass, as in MoCo.
   target = optax.incremental_update(state.params, state.target_params,
@@ -253,7 +277,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
 
   body = jax.shard_map(
       functools.partial(_contrastive_body, cfg=cfg, use_mochi=use_mochi),
-      mesh=mesh, in_specs=(P(DATA),) * 5 + (P(),),
+      mesh=mesh, in_specs=(P(DATA),) * 7 + (P(),),
       out_specs=(P(DATA), P(DATA)))
 
   def loss_fn(params):
@@ -262,7 +286,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
         train=True, mutable=['batch_stats'])
     q = numerics.l2_normalize(out_q['projection'])
     loss, metrics = body(q, k, state.queue.keys, state.queue.ids,
-                         batch['index'], k_mochi)
+                         state.queue.labels, batch['index'], batch['label'],
+                         k_mochi)
     return jnp.mean(loss), (metrics, new_vars['batch_stats'])
 
   (loss, (per_query, batch_stats)), grads = jax.value_and_grad(
@@ -279,6 +304,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
                                        batch['label'])
   metrics = {name: jnp.mean(v) for name, v in per_query.items()
              if name != 'hard_neg_sim'}
+  if 'positive_rank' in per_query:  # heavy-tailed: the typical query's
+    metrics['positive_rank'] = jnp.median(per_query['positive_rank'])
   metrics.update(loss=loss, hard_neg_sim=per_query['hard_neg_sim'],
                  grad_norm=optax.tree.norm(grads))
   new_state = TrainState(
@@ -334,15 +361,104 @@ def _make_encoder_fn(model, config, info):
   return encode
 
 
-def evaluate(state, encode, sources, config, info, mesh, names):
-  """Runs the named evaluators on the encoder's features of ``sources``."""
+def _make_raw_fn(config):
+  size = config.data.image_size
+
+  @jax.jit
+  def raw(batch):
+    # Pixels in [0, 1] at the encoder's input size, flattened.
+    x = data.eval_transform(batch['image'], out_size=size, mean=(0.0,),
+                            std=(1.0,))
+    return x.reshape(x.shape[0], -1)
+
+  return raw
+
+
+def _make_views_fn(model, cfg, seed):
+  """Jitted ``(params, batch_stats, batch) -> [G, 2 * dim]``: the unit
+  projections of the two training views of each example, side by side."""
+
+  @jax.jit
+  def views(params, batch_stats, batch):
+    keys = data.example_keys(jax.random.key(seed), batch['index'])
+    xq, xk = data.two_views(keys, batch['image'], cfg.augment,
+                            images_k=batch[cfg.key_image])
+    z = [numerics.l2_normalize(model.apply(
+        {'params': params, 'batch_stats': batch_stats}, x,
+        train=False)['projection']) for x in (xq, xk)]
+    return jnp.concatenate(z, axis=1)
+
+  return views
+
+
+def geometry_of_views(state, views_fn, source, cfg, config, mesh):
+  """Wang & Isola's alignment and uniformity of the test views.
+
+  Alignment: mean squared distance between the unit projections of two
+  training-augmented views of each test image (lower: views agree);
+  uniformity: log of the mean Gaussian potential (t=2) between the first
+  views of all test images (lower: more uniform on the sphere).
+  """
+  split = features_lib.extract(
+      lambda b: views_fn(state.params, state.batch_stats, b), source,
+      mesh=mesh, batch_size=config.eval.batch_size,
+      inputs=tuple(dict.fromkeys(('image', cfg.key_image, 'index'))),
+      fields=())
+  z1, z2 = jnp.split(jnp.asarray(split['features']), 2, axis=1)
+  return {'alignment': geometry.alignment(z1, z2),
+          'uniformity': float(geometry.uniformity(z1))}
+
+
+def evaluate(state, encode, sources, config, info, mesh, names, *,
+             baselines=None):
+  """Runs the named evaluators on the encoder's features of ``sources``.
+
+  Args:
+    state: the `TrainState` whose query encoder is evaluated.
+    encode: jitted ``(params, batch_stats, batch) -> features``.
+    sources: ``{'train': source, 'test': source}``.
+    config: the run's config.
+    info: the dataset's `DatasetInfo`.
+    mesh: the device mesh.
+    names: evaluator names, comma separated (``'knn,linear'``).
+    baselines: optional ``{prefix: batch -> features}``; each runs the same
+      evaluators, results named ``prefix_`` + name (``untrained_knn_top1``).
+
+  Returns:
+    ``{'knn_top1': ..., 'linear_top1': ..., ...}``.
+  """
   names = evaluators.parse(names)
-  splits = features_lib.extract_splits(
-      lambda batch: encode(state.params, state.batch_stats, batch),
-      {s: sources[s] for s in evaluators.splits_needed(names)}, mesh=mesh,
-      batch_size=config.eval.batch_size)
+  needed = {s: sources[s] for s in evaluators.splits_needed(names)}
   options = dict(config.eval, num_classes=info.num_classes, seed=config.seed)
-  return evaluators.run(names, splits, options)
+  # Label factors read by kNN too (shapes32: 'shape,colour'), so that a
+  # monitor can tell which half of the label the features carry.
+  factors = tuple(filter(None, config.eval.get('knn_factors', '').split(',')))
+  if 'knn' not in names or 'test' not in needed:
+    factors = ()
+
+  def run(fn):
+    splits = features_lib.extract_splits(
+        fn, needed, mesh=mesh, batch_size=config.eval.batch_size,
+        fields=('label',) + factors)
+    if not factors:
+      return evaluators.run(names, splits, options)
+    train, test = splits['train'], splits['test']
+    # One neighbour search votes for the label and each factor.
+    accs = knn_lib.knn_accuracies(
+        test['features'], train['features'],
+        {f: (test[f], train[f]) for f in ('label',) + factors},
+        k=config.eval.knn_k, temperature=config.eval.knn_temperature)
+    out = {'knn_top1': accs.pop('label')}
+    out.update({f'knn_{f}_top1': v for f, v in accs.items()})
+    rest = tuple(n for n in names if n != 'knn')
+    if rest:
+      out.update(evaluators.run(rest, splits, options))
+    return out
+
+  out = run(lambda batch: encode(state.params, state.batch_stats, batch))
+  for prefix, fn in (baselines or {}).items():
+    out.update({f'{prefix}_{k}': v for k, v in run(fn).items()})
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -357,8 +473,23 @@ def open_data(config: mlc.ConfigDict) -> runner.Data:
                        classes=_classes(config))
   sources = dict(train=_source(config, info.train_split),
                  test=_source(config, info.eval_split))
-  return runner.Data(train=sources['train'],
-                     fields=('image', 'label', 'index'),
+  fields = ('image', 'label', 'index')
+  key_image = config.data.get('key_image', 'image')
+  factors = config.eval.get('knn_factors', '')
+  if key_image != 'image' or factors:
+    available = sources['train'].get_batch([0])
+    listed = ', '.join(sorted(available))
+    checks.require(key_image in available, 'data.key_image', key_image,
+                   f'must name an image field of {config.data.name} '
+                   f'(it has {listed})')
+    for f in filter(None, factors.split(',')):
+      checks.require(f in available and available[f].dtype.kind in 'iu',
+                     'eval.knn_factors', factors,
+                     f'{f!r} is not an integer field of {config.data.name} '
+                     f'(it has {listed})')
+  if key_image != 'image':
+    fields += (key_image,)
+  return runner.Data(train=sources['train'], fields=fields,
                      info=(info, sources))
 
 
@@ -379,6 +510,17 @@ def build(setup: runner.Setup) -> runner.Pieces:
   warmup = (int(config.mochi.warmup_epochs * setup.steps_per_epoch)
             if config.method == 'mochi' else setup.total_steps)
   encode = _make_encoder_fn(model, config, info)
+  fresh = lambda: create_state(config, model, tx, info, mesh)
+  views = _make_views_fn(model, cfg, config.seed)
+
+  def baselines():
+    """What training must beat: its own initial encoder, and raw pixels."""
+    if not config.eval.get('baselines', False):
+      return None
+    untrained = fresh()
+    return {'untrained': lambda b: encode(untrained.params,
+                                          untrained.batch_stats, b),
+            'raw_pixel': _make_raw_fn(config)}
 
   def step(use_mochi):
     return functools.partial(train_step, model=model, tx=tx, cfg=cfg,
@@ -387,10 +529,15 @@ def build(setup: runner.Setup) -> runner.Pieces:
   def run_eval(state, final, plot_dir):
     del plot_dir  # The runner's curves are all MoCo plots.
     names = config.eval.final if final else config.eval.during
-    return evaluate(state, encode, sources, config, info, mesh, names)
+    out = evaluate(state, encode, sources, config, info, mesh, names,
+                   baselines=baselines() if final else None)
+    if final and config.eval.get('geometry', False):
+      out.update(geometry_of_views(state, views, sources['test'], cfg,
+                                   config, mesh))
+    return out
 
   return runner.Pieces(
-      init_state=lambda: create_state(config, model, tx, info, mesh),
+      init_state=fresh,
       step=step,
       variant=lambda t: t > warmup,
       evaluate=run_eval,
