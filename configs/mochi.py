@@ -18,7 +18,12 @@ Presets after the colon, comma separated:
   hardness_range  mix a hardness range instead of the very hardest
              negatives: skip the K/100 most similar, and any above a
              similarity of 0.9 (mochi.skip_top, mochi.max_similarity;
-             the likeliest false negatives). Not yet studied.
+             the likeliest false negatives).
+  ablation=NAME  one arm of the MoCHi-vs-MoCo study (ABLATIONS below:
+             moco_v2, mochi, half_N, double_N, half_s, double_s,
+             double_s_prime, no_warmup, long_warmup, type1_only,
+             type2_only, hardness_range); `launch/mochi_study.py` runs
+             them over seeds and writes the table.
 
 Defaults per dataset (see configs/moco_v2.py for the rest of the recipe):
   shapes       MoCHi(128, 128, 32), K=2048, 1 warm-up epoch of plain MoCo,
@@ -37,6 +42,53 @@ import ml_collections as mlc
 from configs import moco_v2
 
 
+# The MoCHi paper's ablations (Kalantidis et al. 2020, Table 2 and Fig. 4),
+# and the hardness range, relative to the data preset's MoCHi(N, s, s'):
+# name -> (what changes, how). `launch/mochi_study.py` runs them over seeds.
+def _set(**fields):
+  def apply(c):
+    for name, value in fields.items():
+      if name == 'method':
+        c.method = value
+      else:
+        c.mochi[name] = value(c) if callable(value) else value
+  return apply
+
+
+ABLATIONS = {
+    'moco_v2': ('MoCo v2, no mixing (the baseline)', _set(method='moco_v2')),
+    'mochi': ("MoCHi(N, s, s') of the data preset", _set()),
+    'half_N': ('N / 2 hardest negatives', _set(
+        num_hard=lambda c: c.mochi.num_hard // 2)),
+    'double_N': ('2 N hardest negatives', _set(
+        num_hard=lambda c: 2 * c.mochi.num_hard)),
+    'half_s': ('s / 2 type-1 mixes', _set(
+        num_mix=lambda c: c.mochi.num_mix // 2)),
+    'double_s': ('2 s type-1 mixes', _set(
+        num_mix=lambda c: 2 * c.mochi.num_mix)),
+    'double_s_prime': ("2 s' type-2 mixes", _set(
+        num_query_mix=lambda c: 2 * c.mochi.num_query_mix)),
+    'no_warmup': ('mixing from the first step', _set(warmup_epochs=0)),
+    'long_warmup': ('4x the warm-up epochs of plain MoCo', _set(
+        warmup_epochs=lambda c: 4 * c.mochi.warmup_epochs)),
+    'type1_only': ("type-1 mixes only (s' = 0)", _set(num_query_mix=0)),
+    'type2_only': ('type-2 mixes only (s = 0)', _set(num_mix=0)),
+    'hardness_range': ('skip the K/100 hardest and any above 0.9', _set(
+        skip_top=lambda c: max(c.queue.size // 100, 1),
+        max_similarity=0.9)),
+}
+
+
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The MoCHi config; ``arg`` selects presets (see the module docstring)."""
-  return moco_v2.build(arg, method='mochi')
+  items = [a for a in (arg or '').split(',') if a]
+  ablation = [a for a in items if a.partition('=')[0].strip() == 'ablation']
+  c = moco_v2.build(','.join(a for a in items if a not in ablation),
+                    method='mochi')
+  if ablation:
+    name = ablation[-1].partition('=')[2].strip()
+    if name not in ABLATIONS:
+      raise ValueError(f'unknown ablation {name!r}; known: '
+                       f'{", ".join(ABLATIONS)}')
+    ABLATIONS[name][1](c)
+  return c
