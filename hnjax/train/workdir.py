@@ -37,7 +37,8 @@ LOCK_FILE = '.lock'
 # Fields whose change cannot alter the state, the data order or the method:
 # a resume simply applies them. Dotted prefixes.
 SAFE_FIELDS = ('eval', 'log_every_steps', 'hist_every_steps', 'ckpt',
-               'data.num_workers', 'data.data_dir', 'init_from')
+               'data.num_workers', 'data.data_dir', 'init_from',
+               'hardness_diagnostics')  # logged statistics only
 
 
 class WorkdirError(Exception):
