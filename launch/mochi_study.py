@@ -44,7 +44,8 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/mochi_study',
 # Results per run: final evaluation, and the mean of the last 10% of the
 # logged training values for the per-step statistics.
 EVALUATED = ('knn_top1', 'linear_top1', 'alignment', 'uniformity')
-TRAINING = ('proxy_acc', 'false_neg_share', 'positive_rank')
+TRAINING = ('proxy_acc', 'false_neg_share', 'mixed_false_neg_share',
+            'positive_rank')
 # Two-sided 95% quantiles of Student's t, by degrees of freedom.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262,
          2.228, 2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101,
@@ -109,6 +110,8 @@ def table(results, arms):
   names = EVALUATED + TRAINING
 
   def fmt(mean, half, digits=4):
+    if math.isnan(mean):
+      return '–'
     if math.isnan(half):
       return f'{mean:.{digits}f}'
     return f'{mean:.{digits}f} ± {half:.{digits}f}'
