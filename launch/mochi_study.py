@@ -1,4 +1,4 @@
-r"""MoCHi against MoCo v2 and the paper's ablations, over seeds, at equal budget.
+r"""MoCHi against MoCo v2 and the paper's ablations, over seeds, equal budget.
 
   python -m launch.mochi_study                       # 5 seeds, the core arms
   python -m launch.mochi_study --arms=all --seeds=5  # every ablation

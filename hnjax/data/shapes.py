@@ -184,7 +184,7 @@ def _composite(img, alpha, rgb):
 
 
 def _col(a):
-  """Per-example values ``[b]`` -> ``[b, 1, 1]`` float32, broadcast over pixels."""
+  """Per-example values ``[b]`` -> float32 ``[b, 1, 1]`` (over pixels)."""
   return np.asarray(a, np.float32)[:, None, None]
 
 
