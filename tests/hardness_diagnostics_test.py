@@ -125,6 +125,19 @@ class HardnessDiagnosticsTest(parameterized.TestCase):
     for name, v in out.items():
       self.assertTrue(np.isnan(v[4]), name)
       self.assertFalse(np.isnan(np.delete(v, [2, 4])).any(), name)
+    # A NaN bank row reaches every query: all NaN, sharded or not.
+    bank = self.bank.copy()
+    bank[7, 0] = np.inf
+    fn = lambda b, ax: samplers.hardness_diagnostics(
+        self.q, self.k, b, self.q_labels, self.bank_labels, num_hard=3,
+        axis_name=ax)
+    for out in (jax.jit(lambda b: fn(b, None))(bank),
+                sharded(lambda q, k, b, ql, bl: samplers.hardness_diagnostics(
+                    q, k, b, ql, bl, num_hard=3, axis_name='data'), 8,
+                        (ROWS,) * 5, ROWS)(self.q, self.k, bank,
+                                            self.q_labels, self.bank_labels)):
+      for name, v in out.items():
+        self.assertTrue(np.isnan(v).all(), name)
     # Statistics, not a loss: no gradient reaches the embeddings.
     grad = jax.jit(jax.grad(lambda q, k, b: sum(
         jnp.nansum(v) for v in samplers.hardness_diagnostics(
@@ -136,7 +149,7 @@ class HardnessDiagnosticsTest(parameterized.TestCase):
   def test_errors(self):
     args = (self.q, self.k, self.bank, self.q_labels, self.bank_labels)
     for kw, msg in [
-        (dict(num_hard=0), 'num_hard must be >= 1'),
+        (dict(num_hard=0), 'num_hard must be an int > 0'),
         (dict(num_hard=3, skip_top=46), 'larger than the bank'),
     ]:
       with self.assertRaisesRegex(ValueError, msg):

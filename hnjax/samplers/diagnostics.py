@@ -77,16 +77,14 @@ def hardness_diagnostics(
     A dict of float32 ``[B]``: ``false_negative_share`` (of the ``N``
     hardest), ``positive_rank`` (``1 + #{j : q·n_j > q·k}``, in ``[1, K +
     1]``), and, when a range is asked, ``selected_false_negative_share``.
-    Rows with a non-finite query or positive are NaN.
+    Rows with a non-finite query or positive, or whose similarities
+    touched a non-finite bank row, are NaN.
   """
-  num_hard = _checks.non_negative_int('num_hard', num_hard)
-  if not num_hard:
-    raise ValueError('num_hard must be >= 1, got 0')
+  num_hard = _checks.positive_int('num_hard', num_hard)
+  _checks.embeddings('query', query)
+  _checks.same_shape('query', query, 'positive', positive)
   q = lax.stop_gradient(jnp.asarray(query, jnp.float32))
   k = lax.stop_gradient(jnp.asarray(positive, jnp.float32))
-  if q.shape != k.shape:
-    raise ValueError(f'query and positive must have the same shape, got '
-                     f'{q.shape} and {k.shape}')
   query_labels = jnp.asarray(query_labels, jnp.int32)
   negative_labels = jnp.asarray(negative_labels, jnp.int32)
   if query_labels.shape != q.shape[:1]:
@@ -110,5 +108,9 @@ def hardness_diagnostics(
   above = bank_lib.count_above(q, negatives, jnp.sum(q * k, axis=-1),
                                **common)
   out['positive_rank'] = 1.0 + above.astype(jnp.float32)
-  bad = ~numerics.finite_rows(q, k)
+  # A query whose similarities touched a NaN or inf bank row has NaN
+  # hardest similarities (`bank_stats`); its counts would be finite and
+  # wrong.
+  bad = (~numerics.finite_rows(q, k)
+         | jnp.isnan(hardest.top_similarities).any(axis=1))
   return {name: jnp.where(bad, jnp.nan, v) for name, v in out.items()}
