@@ -104,17 +104,20 @@ def knn_predict(
   References:
     Wu et al., 2018. https://arxiv.org/abs/1805.01978
   """
+  return _predict(query_features, bank_features, (bank_labels,),
+                  num_classes=num_classes, k=k, temperature=temperature,
+                  chunk_size=chunk_size)[0]
+
+
+def _predict(query_features, bank_features, label_sets, *, num_classes, k,
+             temperature, chunk_size):
+  """Validates, then votes for each ``[N]`` labeling: ``[L, Q]`` int32."""
   query = _arrays.to_local(query_features)
   bank = _arrays.to_local(bank_features)
-  labels = _arrays.to_local(bank_labels)
   if query.ndim != 2 or bank.ndim != 2 or query.shape[1] != bank.shape[1]:
     raise ValueError(
         'query_features and bank_features must be [Q, D] and [N, D], got'
         f' {query.shape} and {bank.shape}'
-    )
-  if labels.shape != bank.shape[:1]:
-    raise ValueError(
-        f'bank_labels must have shape {bank.shape[:1]}, got {labels.shape}'
     )
   if bank.shape[0] == 0:
     raise ValueError('bank_features is empty')
@@ -127,21 +130,26 @@ def knn_predict(
       raise ValueError(f'{name} must be >= 1, got {value}')
   if not temperature > 0:
     raise ValueError(f'temperature must be > 0, got {temperature}')
-  host_labels = np.asarray(labels)
-  if host_labels.min() < 0 or host_labels.max() >= num_classes:
-    raise ValueError(
-        f'bank_labels must be in [0, {num_classes}), got'
-        f' [{host_labels.min()}, {host_labels.max()}]'
-    )
+  label_sets = tuple(np.asarray(_arrays.to_local(l)) for l in label_sets)
+  for labels in label_sets:
+    if labels.shape != bank.shape[:1]:
+      raise ValueError(
+          f'bank_labels must have shape {bank.shape[:1]}, got {labels.shape}'
+      )
+    if labels.min() < 0 or labels.max() >= num_classes:
+      raise ValueError(
+          f'bank_labels must be in [0, {num_classes}), got'
+          f' [{labels.min()}, {labels.max()}]'
+      )
   return _knn_predict(
       query,
       bank,
-      (jnp.asarray(labels, jnp.int32),),
+      tuple(jnp.asarray(l, jnp.int32) for l in label_sets),
       jnp.float32(temperature),
       num_classes=num_classes,
       k=min(k, bank.shape[0]),
       chunk_size=min(chunk_size, max(query.shape[0], 1)),
-  )[0]
+  )
 
 
 def knn_accuracy(
@@ -233,14 +241,8 @@ def knn_accuracies(
       raise ValueError(f'labels[{n!r}] must be >= 0')
   num_classes = max(int(max(q.max(initial=0), b.max(initial=0))) + 1
                     for q, b in pairs)
-  # Validates shapes and arguments as knn_predict does.
-  knn_predict(query[:1], bank, pairs[0][1], num_classes=num_classes, k=k,
-              temperature=temperature, chunk_size=chunk_size)
-  preds = _knn_predict(
-      query, bank, tuple(jnp.asarray(b, jnp.int32) for _, b in pairs),
-      jnp.float32(temperature), num_classes=num_classes,
-      k=min(k, bank.shape[0]),
-      chunk_size=min(chunk_size, max(query.shape[0], 1)))
-  preds = np.asarray(preds)
+  preds = np.asarray(_predict(
+      query, bank, tuple(b for _, b in pairs), num_classes=num_classes, k=k,
+      temperature=temperature, chunk_size=chunk_size))
   return {n: float(np.mean(p == q)) for n, p, (q, _) in zip(names, preds,
                                                            pairs)}
