@@ -26,10 +26,9 @@ from hnjax import bank as bank_lib
 from hnjax import numerics
 
 
-def _share(indices, labels, query_labels, axis_name):
-  """Fraction of the selected rows (index >= 0) with the query's label."""
-  if axis_name is not None:  # K int32: small next to the bank itself
-    labels = lax.all_gather(labels, axis_name, tiled=True)
+def _share(indices, labels, query_labels):
+  """Fraction of the selected rows (index >= 0) with the query's label;
+  ``labels`` are the whole bank's (global indices)."""
   found = jnp.take(labels, jnp.clip(indices, 0, labels.shape[0] - 1))
   valid = indices >= 0  # -1: fewer candidates than asked
   same = valid & (found >= 0) & (found == query_labels[:, None])
@@ -96,15 +95,17 @@ def hardness_diagnostics(
         f', got {negative_labels.shape}')
   common = dict(negative_mask=negative_mask, axis_name=axis_name,
                 block_size=block_size)
+  if axis_name is not None:  # K int32: small next to the bank itself
+    negative_labels = lax.all_gather(negative_labels, axis_name, tiled=True)
   hardest = bank_lib.bank_stats(q, negatives, num_top=num_hard, **common)
   out = dict(false_negative_share=_share(
-      hardest.top_indices, negative_labels, query_labels, axis_name))
+      hardest.top_indices, negative_labels, query_labels))
   if skip_top or max_similarity is not None:
     mixed = bank_lib.bank_stats(q, negatives, num_top=num_hard,
                                 skip_top=skip_top,
                                 max_similarity=max_similarity, **common)
     out['selected_false_negative_share'] = _share(
-        mixed.top_indices, negative_labels, query_labels, axis_name)
+        mixed.top_indices, negative_labels, query_labels)
   above = bank_lib.count_above(q, negatives, jnp.sum(q * k, axis=-1),
                                **common)
   out['positive_rank'] = 1.0 + above.astype(jnp.float32)
