@@ -155,10 +155,9 @@ def table(results, arms):
 def plot(results, arms, path):
   """Accuracy per arm with intervals; false-negative share and proxy-task
   accuracy over training, mean over seeds."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 3, figsize=(19, 5))
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  fig = figure.Figure(figsize=(19, 5))
+  axes = fig.subplots(1, 3)
   ax_bar = axes[0]
   x = np.arange(len(arms))
   for j, (name, offset) in enumerate((('knn_top1', -0.2),
@@ -190,7 +189,6 @@ def plot(results, arms, path):
     ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def main(argv):

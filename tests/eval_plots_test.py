@@ -1,12 +1,17 @@
 """Tests for hnjax.eval.plots."""
 
 import os
+import subprocess
+import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
+from IPython import display
 from matplotlib import image as mpimg
 import numpy as np
 
+from hnjax import notebook
 from hnjax.eval import plots
 from hnjax.train import writer as writer_lib
 
@@ -106,6 +111,50 @@ class PlotComparisonTest(absltest.TestCase):
     )
     with self.assertRaisesRegex(ValueError, 'labels has 1 entries for 2'):
       plots.plot_comparison([root, root], 'x.png', labels=['a'])
+
+
+class NotebookTest(absltest.TestCase):
+  """In a notebook the figures are also shown inline; elsewhere only saved."""
+
+  def setUp(self):
+    super().setUp()
+    self.workdir = self.enter_context(tempfile.TemporaryDirectory())
+    _log_run(self.workdir, [10, 20])
+    self.shown = []
+    self.enter_context(mock.patch.object(display, 'display',
+                                         self.shown.append))
+
+  def test_shows_what_it_writes_in_a_notebook(self):
+    with mock.patch.object(notebook, 'in_notebook', return_value=True):
+      written = plots.plot_run(self.workdir, metrics=['loss'])
+    self.assertLen(written, 2)  # loss and the histogram
+    self.assertLen(self.shown, 2)
+    self.assertIsInstance(self.shown[0], display.Image)
+    with open(written[0], 'rb') as f:
+      self.assertEqual(self.shown[0].data, f.read())
+
+  def test_show_false_and_outside_a_notebook_only_save(self):
+    with mock.patch.object(notebook, 'in_notebook', return_value=True):
+      self.assertLen(plots.plot_run(self.workdir, show=False), 6)
+    self.assertLen(plots.plot_run(self.workdir), 6)
+    self.assertEmpty(self.shown)
+
+  def test_show_skips_missing_files(self):
+    path = plots.plot_run(self.workdir, metrics=['loss'], show=False)[0]
+    with mock.patch.object(notebook, 'in_notebook', return_value=True):
+      plots.show([path, os.path.join(self.workdir, 'missing.png'), None])
+      plots.show(path)
+    self.assertLen(self.shown, 2)
+
+  def test_import_keeps_the_users_backend(self):
+    # Importing the module once forced Agg: a notebook's inline backend
+    # stopped showing figures.
+    out = subprocess.run(
+        [sys.executable, '-c', 'import hnjax.eval.plots, matplotlib; '
+         'print(matplotlib.get_backend())'],
+        env={**os.environ, 'MPLBACKEND': 'svg'}, capture_output=True,
+        text=True, check=True)
+    self.assertEqual(out.stdout.strip(), 'svg')
 
 
 if __name__ == '__main__':

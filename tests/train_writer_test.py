@@ -6,12 +6,16 @@ import json
 import os
 import struct
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 import jax.numpy as jnp
 import numpy as np
 from tensorboardX.proto import event_pb2
+import tqdm
+from tqdm import notebook as tqdm_notebook
 
+from hnjax import notebook
 from hnjax.train import writer as writer_lib
 
 
@@ -186,6 +190,26 @@ class ProgressBarTest(absltest.TestCase):
     bar.update(5)
     bar.close()
     self.assertEqual(out.getvalue(), '')
+
+  def test_plain_text_outside_a_notebook(self):
+    self.assertFalse(notebook.in_notebook())
+    self.assertIs(notebook.tqdm_class(), tqdm.tqdm)
+
+  def test_widget_in_a_notebook_with_ipywidgets(self):
+    with mock.patch.object(notebook, 'in_notebook', return_value=True), \
+        mock.patch.object(tqdm_notebook, 'IProgress', object):
+      self.assertIs(notebook.tqdm_class(), tqdm_notebook.tqdm)
+
+  def test_plain_text_in_a_notebook_without_ipywidgets(self):
+    # tqdm.auto would pick tqdm.notebook here and raise at the first bar.
+    out = io.StringIO()
+    with mock.patch.object(notebook, 'in_notebook', return_value=True), \
+        mock.patch.object(tqdm_notebook, 'IProgress', None):
+      self.assertIs(notebook.tqdm_class(), tqdm.tqdm)
+      bar = writer_lib.progress_bar(10, file=out, mininterval=0)
+      bar.update(3)
+      bar.close()
+    self.assertIn('3/10', out.getvalue())
 
 
 if __name__ == '__main__':

@@ -20,6 +20,13 @@ proxy-task accuracy and the hardness of the negatives over training.
 :func:`plot_comparison` puts several runs (e.g. MoCo v2 and MoCHi) in one
 figure. Nothing here crashes on a run with one logged step or missing files.
 
+The figures are drawn on `matplotlib.figure.Figure` objects, never through
+pyplot, so importing this module leaves the user's matplotlib backend alone
+(a notebook's inline backend stays inline). In a notebook (an IPython
+kernel: Jupyter, Colab) every public function also shows what it wrote
+inline, unless called with ``show=False``; :func:`show` displays PNGs that
+are already written (e.g. the figures of a run's final evaluation).
+
 References:
   Kalantidis et al., Hard Negative Mixing for Contrastive Learning, 2020.
   https://arxiv.org/abs/2010.01028
@@ -32,14 +39,11 @@ import os
 from typing import Any, Sequence
 
 import matplotlib
-
-matplotlib.use('Agg')  # Files only; no display needed.
-# pylint: disable=g-import-not-at-top,wrong-import-position
-from matplotlib import pyplot as plt
+from matplotlib import figure as mpl_figure
 import numpy as np
 
+from hnjax import notebook
 from hnjax import runlog
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_METRICS = (
     'loss',
@@ -88,6 +92,7 @@ def plot_run(
     workdir: str | os.PathLike[str],
     *,
     metrics: Sequence[str] | None = None,
+    show: bool | None = None,
 ) -> list[str]:
   """Draws the curves and histograms of one run into its workdir.
 
@@ -97,6 +102,7 @@ def plot_run(
     metrics: metric names to plot; ``None`` plots those of
       :data:`DEFAULT_METRICS` that were logged. Names that were never logged
       are skipped.
+    show: also show the figures inline (``None``: when in a notebook).
 
   Returns:
     Paths of the PNG files written (empty if there was nothing to plot).
@@ -110,7 +116,7 @@ def plot_run(
   for name in names:
     if name not in curves:
       continue
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     _plot_curve(ax, *curves[name])
     ax.set_xlabel('step')
     ax.set_ylabel(name)
@@ -130,19 +136,19 @@ def plot_run(
     written.append(_plot_hardness(
         curves, histograms.get('hard_neg_sim'),
         os.path.join(workdir, 'hardness.png')))
-  return written
+  return _shown(written, show)
 
 
 def _plot_hardness(curves, hard_sim_records, path):
   """Hardest similarities, false-negative share and positive rank."""
-  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  fig, axes = _subplots(1, 3, figsize=(16, 4.5))
   ax_sim, ax_share, ax_rank = axes
   if hard_sim_records:
     edges = np.asarray(hard_sim_records[-1]['edges'], float)
     centres = (edges[1:] + edges[:-1]) / 2
     picks = sorted(set(np.linspace(0, len(hard_sim_records) - 1, 5)
                        .round().astype(int)))
-    colors = plt.get_cmap('plasma')(np.linspace(0, 0.9, len(picks)))
+    colors = matplotlib.colormaps['plasma'](np.linspace(0, 0.9, len(picks)))
     for color, i in zip(colors, picks):
       counts = np.asarray(hard_sim_records[i]['counts'], float)
       ax_sim.plot(centres, counts / max(counts.sum(), 1), color=color,
@@ -189,7 +195,7 @@ def _plot_histograms(name, records, path):
   steps = np.asarray([r['step'] for r in records], float)
   counts = np.asarray([r['counts'] for r in records], float)  # [T, bins]
   density = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-  fig, (ax_map, ax_lines) = plt.subplots(1, 2, figsize=(12, 4.5))
+  fig, (ax_map, ax_lines) = _subplots(1, 2, figsize=(12, 4.5))
 
   # Heat map: column t is the distribution at steps[t].
   if len(steps) > 1:
@@ -214,7 +220,7 @@ def _plot_histograms(name, records, path):
   # A few distributions overlaid: first, last and evenly spaced between.
   picks = sorted(set(np.linspace(0, len(records) - 1, 5).round().astype(int)))
   centres = (edges[1:] + edges[:-1]) / 2
-  colors = plt.get_cmap('plasma')(np.linspace(0, 0.9, len(picks)))
+  colors = matplotlib.colormaps['plasma'](np.linspace(0, 0.9, len(picks)))
   for color, i in zip(colors, picks):
     ax_lines.plot(
         centres, density[i], color=color, label=f'step {int(steps[i])}'
@@ -233,6 +239,7 @@ def plot_comparison(
     *,
     labels: Sequence[str] | None = None,
     metrics: Sequence[str] | None = None,
+    show: bool | None = None,
 ) -> str | None:
   """Overlays several runs' curves, one panel per metric, in one PNG.
 
@@ -245,6 +252,7 @@ def plot_comparison(
     out_png: output file.
     labels: legend names, one per workdir; default the directory names.
     metrics: as in :func:`plot_run`.
+    show: as in :func:`plot_run`.
 
   Returns:
     ``out_png``, or ``None`` if no run had anything to plot.
@@ -281,7 +289,7 @@ def plot_comparison(
     return None
   cols = min(3, len(panel_names))
   rows = math.ceil(len(panel_names) / cols)
-  fig, axes = plt.subplots(
+  fig, axes = _subplots(
       rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False
   )
   for ax, panel in zip(axes.flat, panel_names):
@@ -294,7 +302,7 @@ def plot_comparison(
     ax.legend()
   for ax in list(axes.flat)[len(panel_names) :]:
     ax.axis('off')
-  return _save(fig, os.fspath(out_png))
+  return _shown(_save(fig, os.fspath(out_png)), show)
 
 
 def plot_regression(
@@ -308,6 +316,7 @@ def plot_regression(
     target: str = 'target',
     max_pairs: int = 20000,
     seed: int = 0,
+    show: bool | None = None,
 ) -> list[str]:
   """The figures of a contrastive-regression run, into its workdir.
 
@@ -331,6 +340,7 @@ def plot_regression(
     target: the target's name, for the axis labels.
     max_pairs: random test pairs in the ordinality plot.
     seed: seed of those pairs.
+    show: as in :func:`plot_run`.
 
   Returns:
     Paths of the PNG files written.
@@ -347,7 +357,7 @@ def plot_regression(
   centres = (bins + 0.5) * bin_width
   written = []
 
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig, ax = _subplots(figsize=(7, 4))
   colours = np.where(counts > 100, 'tab:green',
                      np.where(counts < 20, 'tab:red', 'tab:orange'))
   ax.bar(centres, mae, width=bin_width * 0.9, color=colours)
@@ -363,7 +373,7 @@ def plot_regression(
   x = x - x.mean(axis=0)
   _, _, vt = np.linalg.svd(x, full_matrices=False)
   xy = x @ vt[:2].T
-  fig, ax = plt.subplots(figsize=(5.5, 4.5))
+  fig, ax = _subplots(figsize=(5.5, 4.5))
   points = ax.scatter(xy[:, 0], xy[:, 1], c=y, s=4, cmap='viridis')
   fig.colorbar(points, ax=ax, label=target)
   ax.set_xlabel('PC 1')
@@ -387,7 +397,7 @@ def plot_regression(
       mid.append((edges[b] + edges[b + 1]) / 2)
       q.append(np.percentile(d, [25, 50, 75]))
   q = np.asarray(q)
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _subplots(figsize=(6, 4))
   ax.plot(mid, q[:, 1], marker='o', markersize=3)
   ax.fill_between(mid, q[:, 0], q[:, 2], alpha=0.3)
   ax.set_xlabel(f'|Δ {target}|')
@@ -395,7 +405,7 @@ def plot_regression(
   ax.set_title('ordinality: feature distance vs target distance')
   ax.grid(alpha=0.3)
   written.append(_save(fig, os.path.join(workdir, 'ordinality.png')))
-  return written
+  return _shown(written, show)
 
 
 def plot_clip_comparison(
@@ -404,6 +414,7 @@ def plot_clip_comparison(
     embeddings: dict[str, str | os.PathLike[str]],
     *,
     max_points: int = 500,
+    show: bool | None = None,
 ) -> list[str]:
   """The CLIP-mixup study's figures (m²-mix paper, Figs. 1 and 4).
 
@@ -424,6 +435,7 @@ def plot_clip_comparison(
     embeddings: ``{label: .npz path}`` with ``image`` and ``text``
       ``[N, D]`` arrays (missing files are skipped).
     max_points: points per modality in the projection.
+    show: as in :func:`plot_run`.
 
   Returns:
     The paths written.
@@ -433,7 +445,7 @@ def plot_clip_comparison(
   pts = {k: r for k, r in rows.items()
          if 'uniformity' in r and 'alignment' in r}
   if pts:
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = _subplots(figsize=(5, 4))
     for label, r in pts.items():
       ax.scatter(r['alignment'], r['uniformity'], s=50, label=label)
     ax.set_xlabel('alignment (lower is better)')
@@ -445,7 +457,7 @@ def plot_clip_comparison(
   ks = (1, 5, 10)
   curves = {k: r for k, r in rows.items() if 'i2t_r1' in r}
   if curves:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    fig, axes = _subplots(1, 2, figsize=(9, 3.8))
     for ax, side in zip(axes, ('i2t', 't2i')):
       for label, r in curves.items():
         ax.plot(ks, [r.get(f'{side}_r{k}', np.nan) for k in ks], marker='o',
@@ -463,7 +475,7 @@ def plot_clip_comparison(
       with np.load(path) as z:
         loaded[label] = (z['image'][:max_points], z['text'][:max_points])
   if loaded:
-    fig, axes = plt.subplots(1, len(loaded), figsize=(4 * len(loaded), 4),
+    fig, axes = _subplots(1, len(loaded), figsize=(4 * len(loaded), 4),
                              squeeze=False)
     for ax, (label, (v, t)) in zip(axes[0], loaded.items()):
       x = np.concatenate([v, t]).astype(np.float64)
@@ -481,11 +493,41 @@ def plot_clip_comparison(
       ax.set_yticks([])
     axes[0, 0].legend()
     written.append(_save(fig, os.path.join(workdir, 'modality_gap.png')))
-  return written
+  return _shown(written, show)
+
+
+def _subplots(*args, figsize, **kwargs):
+  """``pyplot.subplots`` without pyplot: no backend, no global figures."""
+  fig = mpl_figure.Figure(figsize=figsize)
+  return fig, fig.subplots(*args, **kwargs)
 
 
 def _save(fig, path: str) -> str:
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
   return path
+
+
+def show(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+         ) -> None:
+  """Shows written PNG files inline in a notebook; does nothing elsewhere.
+
+  Args:
+    paths: one path or several (e.g. what a plot function returned);
+      ``None`` entries and missing files are skipped.
+  """
+  if not notebook.in_notebook() or paths is None:
+    return
+  if isinstance(paths, (str, os.PathLike)):
+    paths = [paths]
+  from IPython import display  # pylint: disable=g-import-not-at-top
+  for path in paths:
+    if path is not None and os.path.exists(path):
+      display.display(display.Image(filename=os.fspath(path)))
+
+
+def _shown(written, show_inline: bool | None):
+  """``written``, shown inline first if asked (None: in a notebook)."""
+  if show_inline or show_inline is None:
+    show(written)
+  return written

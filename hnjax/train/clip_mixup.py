@@ -579,7 +579,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *,
       from hnjax.eval import plots  # pylint: disable=g-import-not-at-top
       plots.plot_clip_comparison(workdir, rows, {
           label: os.path.join(workdir, name, 'test_embeddings.npz')
-          for label, name in _LABELS[config.method]})
+          for label, name in _LABELS[config.method]}, show=False)
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('comparison plots failed: %s', e)
   out['stages'] = rows

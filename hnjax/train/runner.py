@@ -386,7 +386,7 @@ def _run(family, setup, config, config_json, workdir, t0):
   if is_main and not interrupted:
     try:
       from hnjax.eval import plots  # pylint: disable=g-import-not-at-top
-      plots.plot_run(workdir)
+      plots.plot_run(workdir, show=False)
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('plotting failed: %s', e)
   return summary

@@ -323,7 +323,7 @@ def evaluate(state, fresh, encoders, config, info, mesh, *, final, plot_dir):
           test_targets=feats['test']['target'],
           predictions=results['predictions'],
           test_features=feats['test']['features'], bin_width=info.bin_width,
-          target=info.target)
+          target=info.target, show=False)
     except Exception as e:  # pylint: disable=broad-except
       from absl import logging  # pylint: disable=g-import-not-at-top
       logging.warning('regression plots failed: %s', e)

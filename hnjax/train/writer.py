@@ -29,6 +29,7 @@ import numpy as np
 import tensorboardX
 import tqdm
 
+from hnjax import notebook
 from hnjax import runlog
 # Re-exported: the file names and the reader live below train/ and eval/.
 from hnjax.runlog import CONFIG_FILE
@@ -264,6 +265,9 @@ def progress_bar(
 ) -> tqdm.tqdm:
   """A tqdm bar over training steps, with step rate and ETA.
 
+  In a notebook kernel it is an ipywidgets bar when ipywidgets is
+  installed, else plain text (`hnjax.notebook.tqdm_class`).
+
   Args:
     total: last step of training.
     initial: step the run (re)starts from; the rate and ETA count only the
@@ -285,4 +289,4 @@ def progress_bar(
       mininterval=1.0,
   )
   options.update(kwargs)
-  return tqdm.tqdm(**options)
+  return notebook.tqdm_class()(**options)
