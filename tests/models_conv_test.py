@@ -1,5 +1,7 @@
 """The fast-kernel-gradient convolution equals XLA's, values and gradients."""
 
+from unittest import mock
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import flax.linen as nn
@@ -53,6 +55,24 @@ class ConvTest(parameterized.TestCase):
     ref = nn.Conv(4, (3, 3), kernel_dilation=(2, 2))
     v = ref.init(jax.random.key(0), x)
     np.testing.assert_allclose(dil.apply(v, x), ref.apply(v, x), atol=1e-5)
+
+  def test_cpu_workaround_only_on_cpu(self):
+    # On TPU and GPU XLA's own convolution gradient is fast: never replace it.
+    x = jnp.ones((2, 8, 8, 3))
+    w = jnp.ones((3, 3, 3, 4))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
+    calls = []
+
+    def fake_conv(*args):
+      calls.append(args)
+      return jnp.zeros((2, 8, 8, 4))
+
+    with mock.patch.object(conv, '_conv', fake_conv):
+      for backend in ('tpu', 'gpu', 'cpu'):
+        with mock.patch.object(jax, 'default_backend', return_value=backend):
+          conv.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                    dimension_numbers=dn)
+        self.assertLen(calls, int(backend == 'cpu'), backend)
 
 
 if __name__ == '__main__':
