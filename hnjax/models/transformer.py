@@ -2,7 +2,9 @@
 
 Both are pre-LN transformers as in CLIP (Radford et al., 2021): each block
 is ``x + attn(LN(x))`` then ``x + mlp(LN(x))`` with QuickGELU
-(``x * sigmoid(1.702 x)``, the activation of OpenAI's checkpoints).
+(``x * sigmoid(1.702 x)``, the activation of OpenAI's checkpoints) or GELU
+(OpenCLIP's), so that pretrained CLIP towers load into them
+(`hnjax.models.clip.from_pretrained`).
 
 * `VisionTransformer` (``'vit_tiny'``, ``'vit_small'`` in the backbone
   registry): patches → linear embedding, a class token, learned positions,
@@ -18,6 +20,8 @@ is ``x + attn(LN(x))`` then ``x + mlp(LN(x))`` with QuickGELU
 
 from typing import Any
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,13 +32,33 @@ def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+# The MLP activations of CLIP checkpoints, by their Hugging Face names.
+ACTIVATIONS = {
+    'quick_gelu': quick_gelu,
+    'gelu': functools.partial(jax.nn.gelu, approximate=False),
+    'gelu_new': functools.partial(jax.nn.gelu, approximate=True),
+    'gelu_pytorch_tanh': functools.partial(jax.nn.gelu, approximate=True),
+}
+POOLINGS = ('end', 'argmax')
+
+
+def _activation(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f'activation={name!r}: unknown; known: '
+                     f'{sorted(ACTIVATIONS)}')
+  return ACTIVATIONS[name]
+
+
 class Block(nn.Module):
   """One pre-LN transformer block.
 
   Attributes:
     width: model width ``W``.
     heads: attention heads (``W`` must be divisible by it).
-    mlp_ratio: hidden width of the MLP over ``W``.
+    mlp_ratio: hidden width of the MLP over ``W`` (if ``mlp_dim`` is None).
+    mlp_dim: hidden width of the MLP.
+    activation: the MLP's, a name of `ACTIVATIONS`.
+    layer_norm_eps: epsilon of the layer norms.
     dtype: compute dtype (LayerNorm and softmax statistics in float32).
     param_dtype: dtype of the parameters.
   """
@@ -42,6 +66,9 @@ class Block(nn.Module):
   width: int
   heads: int
   mlp_ratio: int = 4
+  mlp_dim: int | None = None
+  activation: str = 'quick_gelu'
+  layer_norm_eps: float = 1e-5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -49,18 +76,20 @@ class Block(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None
                ) -> jax.Array:
     """``[B, L, W] -> [B, L, W]``; ``mask`` ``[B, 1, L, L]`` bool or None."""
-    ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32,  # pylint: disable=unnecessary-lambda-assignment
-                                   param_dtype=self.param_dtype, name=name)
+    ln = lambda name: nn.LayerNorm(  # pylint: disable=unnecessary-lambda-assignment
+        epsilon=self.layer_norm_eps, dtype=jnp.float32,
+        param_dtype=self.param_dtype, name=name)
     h = ln('ln_1')(x).astype(self.dtype)
     h = nn.MultiHeadDotProductAttention(
         num_heads=self.heads, qkv_features=self.width, dtype=self.dtype,
         param_dtype=self.param_dtype, name='attn')(h, h, mask=mask)
     x = x + h
     h = ln('ln_2')(x).astype(self.dtype)
-    h = nn.Dense(self.width * self.mlp_ratio, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name='c_fc')(h)
+    h = nn.Dense(self.mlp_dim or self.width * self.mlp_ratio,
+                 dtype=self.dtype, param_dtype=self.param_dtype,
+                 name='c_fc')(h)
     h = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name='c_proj')(quick_gelu(h))
+                 name='c_proj')(_activation(self.activation)(h))
     return x + h
 
 
@@ -75,6 +104,11 @@ class VisionTransformer(nn.Module):
     heads: attention heads.
     bn_splits: ignored (no batch norm; accepted so that the backbone
       registry can pass it).
+    mlp_dim: hidden width of the blocks' MLPs (None: ``4 * width``).
+    activation: the MLPs', a name of `ACTIVATIONS`.
+    layer_norm_eps: epsilon of the layer norms.
+    image_size: the one image side it accepts (its positions are learned
+      for it), or None: any multiple of ``patch_size`` at ``init``.
     dtype: compute dtype; the output is float32.
     param_dtype: dtype of the parameters.
   """
@@ -84,6 +118,10 @@ class VisionTransformer(nn.Module):
   depth: int = 2
   heads: int = 4
   bn_splits: int = 1
+  mlp_dim: int | None = None
+  activation: str = 'quick_gelu'
+  layer_norm_eps: float = 1e-5
+  image_size: int | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -107,6 +145,10 @@ class VisionTransformer(nn.Module):
     del train
     b, h, w, _ = x.shape
     p = self.patch_size
+    if self.image_size is not None and (h, w) != (self.image_size,) * 2:
+      raise ValueError(f'images must be {self.image_size}x{self.image_size} '
+                       f'(the size its positions were learned for), got '
+                       f'{h}x{w}')
     if h % p or w % p:
       raise ValueError(f'image size {h}x{w} is not a multiple of the patch '
                        f'size {p}')
@@ -122,15 +164,19 @@ class VisionTransformer(nn.Module):
     pos = self.param('positional_embedding', nn.initializers.normal(scale),
                      x.shape[1:], self.param_dtype)
     x = x + pos.astype(x.dtype)
-    x = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32,
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32,
                      param_dtype=self.param_dtype, name='ln_pre')(x)
     for i in range(self.depth):
-      x = Block(self.width, self.heads, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f'block_{i}')(
-                    x.astype(self.dtype))
-    x = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32,
+      x = self._block(f'block_{i}')(x.astype(self.dtype))
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32,
                      param_dtype=self.param_dtype, name='ln_post')(x[:, 0])
     return x.astype(jnp.float32)
+
+  def _block(self, name):
+    return Block(self.width, self.heads, mlp_dim=self.mlp_dim,
+                 activation=self.activation,
+                 layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name=name)
 
 
 def end_positions(tokens: jax.Array, end_id: int) -> jax.Array:
@@ -156,6 +202,13 @@ class TextTransformer(nn.Module):
     width: model width ``W`` (the feature size).
     depth: number of blocks.
     heads: attention heads.
+    mlp_dim: hidden width of the blocks' MLPs (None: ``4 * width``).
+    activation: the MLPs', a name of `ACTIVATIONS`.
+    layer_norm_eps: epsilon of the layer norms.
+    pool: ``'end'``: the features at the first ``end_id``; ``'argmax'``: at
+      the largest id of each row (OpenAI's rule, which Hugging Face keeps
+      for checkpoints whose config says ``eos_token_id: 2``; the same
+      position when the end token has the largest id).
     dtype: compute dtype; the output is float32.
     param_dtype: dtype of the parameters.
   """
@@ -166,6 +219,10 @@ class TextTransformer(nn.Module):
   width: int = 64
   depth: int = 2
   heads: int = 4
+  mlp_dim: int | None = None
+  activation: str = 'quick_gelu'
+  layer_norm_eps: float = 1e-5
+  pool: str = 'end'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -196,10 +253,17 @@ class TextTransformer(nn.Module):
     x = (x + pos).astype(self.dtype)
     mask = nn.make_causal_mask(tokens)  # [B, 1, L, L]
     for i in range(self.depth):
-      x = Block(self.width, self.heads, dtype=self.dtype,
+      x = Block(self.width, self.heads, mlp_dim=self.mlp_dim,
+                activation=self.activation,
+                layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
                 param_dtype=self.param_dtype, name=f'block_{i}')(x, mask)
-    x = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32,
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32,
                      param_dtype=self.param_dtype, name='ln_final')(x)
-    pooled = jnp.take_along_axis(
-        x, end_positions(tokens, self.end_id)[:, None, None], axis=1)[:, 0]
+    if self.pool == 'argmax':
+      where = jnp.argmax(tokens, axis=-1).astype(jnp.int32)
+    elif self.pool == 'end':
+      where = end_positions(tokens, self.end_id)
+    else:
+      raise ValueError(f'pool={self.pool!r}: must be one of {POOLINGS}')
+    pooled = jnp.take_along_axis(x, where[:, None, None], axis=1)[:, 0]
     return pooled.astype(jnp.float32)
