@@ -15,6 +15,10 @@ jax.config.update('jax_num_cpu_devices', 8)
 # XLA's expensive optimisation passes (as the flax examples' tests do).
 jax.config.update('jax_disable_most_optimizations', True)
 
+# The fixture generators need PyTorch and transformers (never installed for
+# the tests): not imported by --doctest-modules.
+collect_ignore_glob = ['fixtures/*.py']
+
 
 def pytest_collection_modifyitems(config, items):
   """Slow end-to-end tests first (stable order otherwise).

@@ -133,3 +133,23 @@ def create_clip(
           end_id=end_id, width=text_width, depth=text_depth,
           heads=text_heads, dtype=dtype),
       embed_dim=embed_dim, init_temperature=init_temperature)
+
+
+def from_pretrained(path: str, *, dtype: Any = jnp.float32):
+  """A pretrained CLIP, its parameters and tokenizer from a checkpoint folder.
+
+  ``model, params, tokenizer = from_pretrained(folder)``: a folder in the
+  Hugging Face layout (``config.json``, ``model.safetensors``,
+  ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``); see
+  `hnjax.models.clip_pretrained.from_pretrained` for the details.
+
+  Args:
+    path: the checkpoint folder (downloaded once by the user; hnjax never
+      downloads).
+    dtype: compute dtype of the towers; parameters are float32.
+
+  Returns:
+    ``(model, params, tokenizer)``.
+  """
+  from hnjax.models import clip_pretrained  # pylint: disable=g-import-not-at-top
+  return clip_pretrained.from_pretrained(path, dtype=dtype)
