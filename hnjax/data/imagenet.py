@@ -133,20 +133,29 @@ IMAGENET100_CLASSES = (
 )
 
 
-def decode_and_resize(image, load_size):
+RESAMPLING = ('bilinear', 'bicubic')
+
+
+def decode_and_resize(image, load_size, resample='bilinear'):
   """Decodes an image and resizes it to a ``load_size`` centre square.
 
   Args:
     image: encoded image bytes (JPEG, PNG, ...) or a uint8 array
       ``[H, W, C]``.
     load_size: side ``S`` of the output square.
+    resample: ``'bilinear'`` (JPEGs first downscaled in the DCT, fast) or
+      ``'bicubic'`` (the full image resampled bicubically: CLIP's
+      preprocessing, for pretrained CLIP towers).
 
   Returns:
     uint8 ``[S, S, 3]``: the shorter side resized to ``S``, centre cropped.
   """
+  if resample not in RESAMPLING:
+    raise ValueError(f'resample={resample!r}: must be one of {RESAMPLING}')
   if isinstance(image, (bytes, bytearray, memoryview)):
     img = Image.open(io.BytesIO(image))
-    img.draft('RGB', (load_size, load_size))  # JPEG-only DCT downscaling
+    if resample == 'bilinear':
+      img.draft('RGB', (load_size, load_size))  # JPEG-only DCT downscaling
   else:
     arr = np.asarray(image, np.uint8)
     if arr.ndim == 3 and arr.shape[-1] == 1:  # grayscale [H, W, 1]
@@ -158,7 +167,7 @@ def decode_and_resize(image, load_size):
   left, top = (w - side) / 2, (h - side) / 2
   img = img.resize(
       (load_size, load_size),
-      Image.BILINEAR,
+      Image.BICUBIC if resample == 'bicubic' else Image.BILINEAR,
       box=(left, top, left + side, top + side),
   )
   return np.asarray(img, np.uint8)

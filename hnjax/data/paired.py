@@ -25,6 +25,11 @@ word-level tokenizer built from the training captions
 tokenizer trained on their training captions (`hnjax.data.subword`, HF
 ``tokenizers``).
 
+A pretrained CLIP brings its own tokenizer and preprocessing: pass its
+``tokenizer`` (`hnjax.models.clip_tokenizer.ClipTokenizer`), ``resample=
+'bicubic'`` and its ``normalization``, and every dataset is tokenised and
+normalised as the checkpoint expects.
+
 The two caption protocols of the real datasets are named explicitly:
 ``first`` (one caption per image, m²-mix's ``drop_duplicates`` /
 ``caption[0]``: its training and its reported evaluation) and ``all`` (every
@@ -34,6 +39,7 @@ caption, 5 per image: the standard COCO / Flickr30k evaluation).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -184,14 +190,15 @@ def _shapes_eval(source, rows, tokenizer, *, negatives, seed):
                  tokens)
 
 
-def _open_shapes(name, part, context_length, data_dir):
+def _open_shapes(name, part, context_length, data_dir, tokenizer):
   train = sources.get_source(name, 'train', data_dir=data_dir)
   test = sources.get_source(name, 'test', data_dir=data_dir)
   n = len(train)
   a, b = (int(round(c * n)) for c in _SHAPES_CUTS)
   all_train = train.get_batch(np.arange(b), ('caption',))['caption']
-  tokenizer = text.WordTokenizer.from_captions(all_train,
-                                               context_length=context_length)
+  if tokenizer is None:
+    tokenizer = text.WordTokenizer.from_captions(
+        all_train, context_length=context_length)
   rows = np.arange(a) if part == 'pretrain' else np.arange(a, b)
   pairs = PairSource(train, rows,
                      _tokenize(tokenizer, all_train[rows], 'shapes32 train'))
@@ -218,7 +225,8 @@ def _real_eval(split, tokenizer):
   return EvalSet(split, protocols, {}, protocols['first'][0])
 
 
-def _open_real(name, context_length, data_dir, image_size, vocab_size):
+def _open_real(name, context_length, data_dir, image_size, vocab_size,
+               tokenizer, resample):
   # pylint: disable=g-import-not-at-top
   from hnjax.data import real_captions
   from hnjax.data import subword
@@ -229,19 +237,21 @@ def _open_real(name, context_length, data_dir, image_size, vocab_size):
   else:
     open_split = real_captions.open_flickr30k
     train_splits, val_split = ('train',), 'val'
-  opened = [open_split(s, data_dir=data_dir, image_size=image_size)
-            for s in train_splits]
+  open_split = functools.partial(open_split, data_dir=data_dir,
+                                 image_size=image_size, resample=resample)
+  opened = [open_split(s) for s in train_splits]
   first = [real_captions.caption_protocol(s, 'first')[0] for s in opened]
-  every = [c for s in opened for c in real_captions.caption_protocol(
-      s, 'all')[0]]
-  tokenizer = subword.train_subword_tokenizer(
-      every, context_length=context_length, vocab_size=vocab_size)
+  if tokenizer is None:
+    every = [c for s in opened for c in real_captions.caption_protocol(
+        s, 'all')[0]]
+    tokenizer = subword.train_subword_tokenizer(
+        every, context_length=context_length, vocab_size=vocab_size)
   images = _Concat(opened)
   caps = [c for part in first for c in part]
   pairs = PairSource(images, np.arange(len(images)),
                      _tokenize(tokenizer, caps, f'{name} train'))
-  val = open_split(val_split, data_dir=data_dir, image_size=image_size)
-  test = open_split('test', data_dir=data_dir, image_size=image_size)
+  val = open_split(val_split)
+  test = open_split('test')
   return PairedData(
       name=name, train=pairs, val=_real_eval(val, tokenizer),
       test=_real_eval(test, tokenizer), tokenizer=tokenizer,
@@ -286,6 +296,9 @@ def open_paired(
     data_dir: str | None = None,
     image_size: int = 224,
     vocab_size: int = 8192,
+    tokenizer: Any = None,
+    resample: str = 'bilinear',
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> PairedData:
   """Opens an image-caption dataset and tokenises its captions.
 
@@ -298,6 +311,13 @@ def open_paired(
     data_dir: tfds data dir (shapes32, coco) or the Flickr30k folder.
     image_size: side of the square real images (shapes32: 32).
     vocab_size: BPE vocabulary of the real datasets' tokenizer.
+    tokenizer: use this tokenizer (a pretrained CLIP's) instead of building
+      one from the training captions; its ``context_length`` must be
+      ``context_length``.
+    resample: how real images are resized (`imagenet.decode_and_resize`;
+      ``'bicubic'`` is CLIP's).
+    normalization: ``(mean, std)`` of the images instead of the dataset's
+      (a pretrained CLIP's).
 
   Returns:
     A `PairedData`.
@@ -315,6 +335,15 @@ def open_paired(
   if context_length < 2:
     raise ValueError(f'text.context_length={context_length}: must be >= 2 '
                      '(start and end tokens)')
+  if tokenizer is not None and tokenizer.context_length != context_length:
+    raise ValueError(f'text.context_length={context_length}: the tokenizer '
+                     f'pads to {tokenizer.context_length}')
   if name.startswith('shapes32'):
-    return _open_shapes(name, part, context_length, data_dir)
-  return _open_real(name, context_length, data_dir, image_size, vocab_size)
+    data = _open_shapes(name, part, context_length, data_dir, tokenizer)
+  else:
+    data = _open_real(name, context_length, data_dir, image_size, vocab_size,
+                      tokenizer, resample)
+  if normalization is not None:
+    mean, std = normalization
+    data = dataclasses.replace(data, mean=tuple(mean), std=tuple(std))
+  return data

@@ -79,10 +79,11 @@ class CaptionedImages:
     captions: per image, in dataset order, its captions (COCO: 5–7,
       Flickr30k: 5); every image has at least one, none is empty.
     image_size: side ``S`` of the square images of ``get_batch``.
+    resample: how they are resized (`imagenet.decode_and_resize`).
   """
 
   def __init__(self, name: str, captions: list[list[str]], images, *,
-               image_size: int):
+               image_size: int, resample: str = 'bilinear'):
     """Wraps captions and an image reader.
 
     Args:
@@ -91,12 +92,17 @@ class CaptionedImages:
       images: reader with ``read(rows) -> list`` of encoded bytes or uint8
         arrays and ``describe(rows) -> str`` (where, for errors).
       image_size: side ``S`` of the output squares.
+      resample: ``'bilinear'`` or ``'bicubic'`` (CLIP's preprocessing).
     """
     if image_size <= 0:
       raise ValueError(f'image_size must be positive, got {image_size}')
+    if resample not in imagenet.RESAMPLING:
+      raise ValueError(f'resample={resample!r}: must be one of '
+                       f'{imagenet.RESAMPLING}')
     self.name = name
     self.captions = captions
     self.image_size = image_size
+    self.resample = resample
     self._images = images
 
   def __len__(self) -> int:
@@ -134,7 +140,7 @@ class CaptionedImages:
       keys = [int(r) for r in rows]
       try:
         out['image'] = np.stack([
-            imagenet.decode_and_resize(x, self.image_size)
+            imagenet.decode_and_resize(x, self.image_size, self.resample)
             for x in self._images.read(keys)
         ])
       except Exception as e:  # pylint: disable=broad-exception-caught
@@ -290,7 +296,8 @@ def _cached_captions(base, cache_path, where):
 
 
 def open_coco(split: str, *, data_dir: str | None = None,
-              image_size: int) -> CaptionedImages:
+              image_size: int, resample: str = 'bilinear'
+              ) -> CaptionedImages:
   """COCO captions (Karpathy's splits) from tfds ``coco_captions``.
 
   Args:
@@ -298,6 +305,7 @@ def open_coco(split: str, *, data_dir: str | None = None,
       of one, e.g. ``'test[:1000]'``.
     data_dir: tfds data dir (default as `sources.real_data_dir`).
     image_size: side ``S`` of the square images of ``get_batch``.
+    resample: ``'bilinear'`` or ``'bicubic'`` (CLIP's preprocessing).
 
   Returns:
     A `CaptionedImages` named ``'coco_captions/<split>'``; a missing dataset
@@ -328,7 +336,7 @@ def open_coco(split: str, *, data_dir: str | None = None,
                             f'{_COCO}_{version}_{quoted}_{len(base)}.json')
   captions = _cached_captions(base, cache_path, _where(base))
   return CaptionedImages(f'{_COCO}/{split}', captions, _TfdsImages(base),
-                         image_size=image_size)
+                         image_size=image_size, resample=resample)
 
 
 # ----------------------------------------------------------- Flickr30k
@@ -382,7 +390,8 @@ def _flickr_entries(json_path, split):
 
 
 def open_flickr30k(split: str, *, data_dir: str | None = None,
-                   image_size: int) -> CaptionedImages:
+                   image_size: int, resample: str = 'bilinear'
+                   ) -> CaptionedImages:
   """Flickr30k (Karpathy's splits) from a folder (see the module docstring).
 
   Args:
@@ -390,6 +399,7 @@ def open_flickr30k(split: str, *, data_dir: str | None = None,
     data_dir: the folder of ``dataset_flickr30k.json`` and
       ``flickr30k-images/`` (default ``<tfds data dir>/flickr30k``).
     image_size: side ``S`` of the square images of ``get_batch``.
+    resample: ``'bilinear'`` or ``'bicubic'`` (CLIP's preprocessing).
 
   Returns:
     A `CaptionedImages` named ``'flickr30k/<split>'``, images in the JSON's
@@ -429,4 +439,5 @@ def open_flickr30k(split: str, *, data_dir: str | None = None,
                               f'{json_path}, split {split!r}) is missing')
   paths = [os.path.join(folder, f) for f, _ in entries]
   return CaptionedImages(f'flickr30k/{split}', [c for _, c in entries],
-                         _FileImages(paths), image_size=image_size)
+                         _FileImages(paths), image_size=image_size,
+                         resample=resample)
