@@ -27,6 +27,8 @@ from tests import testing
 
 _SMOKE = ['--config=configs/clip_mixup.py:smoke',
           '--config.eval.baselines=False', '--config.eval.every_steps=0']
+_TINY_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          'fixtures', 'tiny_clip')
 
 
 def _launch(workdir, *args, wait=True):
@@ -44,7 +46,8 @@ def _cfg(method, **kw):
       m2mix_weight=0.3, m2mix_beta=0.5, m2mix_temperature=0.07,
       m3mix_weights=(('vmix', 0.05), ('lmix', 0.07), ('vlmix', 0.1)),
       m3mix_beta=0.5, original_negatives=False, schedule=True,
-      steps_per_epoch=10, image_size=32, mean=(0.,) * 3, std=(1.,) * 3)
+      steps_per_epoch=10, image_size=32, context_length=16, mean=(0.,) * 3,
+      std=(1.,) * 3)
   base.update(kw)
   return clip_mixup.StepConfig(**base)
 
@@ -283,6 +286,118 @@ class EndToEndTest(absltest.TestCase):
     self.assertIn(f'{root}/nothing', lines[0])
     self.assertFalse(os.path.exists(workdir))
 
+
+class PretrainedConfigTest(parameterized.TestCase):
+  """init=...: the checkpoint decides the towers; mistakes are one line."""
+
+  def _config(self, arg='init=pretrained,smoke', **overrides):
+    config = clip_config.get_config(arg)
+    config.init_path = _TINY_CLIP
+    testing.set_fields(config, overrides)
+    return config
+
+  def test_presets_follow_the_papers_protocol(self):
+    for data in ('shapes', 'coco', 'flickr30k'):
+      for init in ('clip_vit_b32', 'clip_vit_b16', 'pretrained'):
+        c = self._config(f'data={data},init={init}')
+        runner.validate(clip_mixup.FAMILY, c, num_devices=8)
+        self.assertEqual(
+            (c.batch_size, c.num_epochs, c.optim.name,
+             c.optim.learning_rate, c.optim.weight_decay,
+             c.optim.warmup_fraction, c.temperature, c.m2mix.temperature,
+             c.learn_temperature, c.seed),
+            (128, 9, 'adamw', 1e-5, 0.2, 0.1, 0.01, 0.07, False, 1))
+    with self.assertRaisesRegex(ValueError, "unknown init preset 'vit_l'"):
+      clip_config.get_config('init=vit_l')
+
+  @parameterized.named_parameters(
+      ('missing', {'init_path': '/nope'},
+       "init_path='/nope': /nope/config.json: not found"),
+      ('both_inits', {'init_from': '/runs/pre'},
+       "init_from='/runs/pre': init_path is set too"),
+      ('pretrain', {'stage': 'pretrain'}, "stage='pretrain': init_path"),
+      ('context', {'text.context_length': 77},
+       'text.context_length=77: the checkpoint has 16 text positions'),
+      ('dtype', {'model.dtype': 'float16'}, "model.dtype='float16'"),
+  )
+  def test_mistakes_name_field_and_value(self, overrides, expected):
+    with self.assertRaises(checks.ConfigError) as cm:
+      runner.validate(clip_mixup.FAMILY, self._config(**overrides),
+                      num_devices=8)
+    self.assertIn(expected, str(cm.exception))
+    self.assertNotIn('\n', str(cm.exception))
+
+  def test_zero_shot_then_two_fine_tunings_from_the_checkpoint(self):
+    runs = clip_mixup.plan(self._config(), '/w')
+    self.assertEqual(
+        [(n, r.method, r.stage, r.init_from, r.init_path, d)
+         for n, r, d in runs],
+        [('zeroshot', 'clip', 'finetune', '', _TINY_CLIP, '/w/zeroshot'),
+         ('finetune_clip', 'clip', 'finetune', '', _TINY_CLIP,
+          '/w/finetune_clip'),
+         ('finetune_m2mix', 'm2mix', 'finetune', '', _TINY_CLIP,
+          '/w/finetune_m2mix')])
+
+  def test_data_takes_the_checkpoints_tokenizer_and_normalisation(self):
+    config = self._config()
+    config.data.data_dir = testing.launcher_env()['HNJAX_DATA_DIR']
+    info = clip_mixup.open_data(config).info
+    self.assertEqual(info.tokenizer.context_length, 16)
+    self.assertEqual(info.tokenizer.vocab_size, 714)
+    self.assertEqual(info.mean, (0.48145466, 0.4578275, 0.40821073))
+    tokens = info.train.get_batch(np.arange(2), ('tokens',))['tokens']
+    self.assertTrue(np.all(tokens[:, 0] == info.tokenizer.start_id))
+    # A checkpoint whose tensors do not fit its config: before any write.
+    bad = tempfile.mkdtemp()
+    for f in os.listdir(_TINY_CLIP):
+      os.symlink(os.path.join(_TINY_CLIP, f), os.path.join(bad, f))
+    os.remove(os.path.join(bad, 'config.json'))
+    with open(os.path.join(_TINY_CLIP, 'config.json')) as f:
+      text_ = f.read().replace('"intermediate_size": 64', '"intermediate_size"'
+                               ': 48', 1)
+    with open(os.path.join(bad, 'config.json'), 'w') as f:
+      f.write(text_)
+    config.init_path = bad
+    with self.assertRaisesRegex(checks.ConfigError,
+                                r'init_path=.*model\.safetensors: '
+                                r'text_model\.encoder\.layers\.0\.mlp\.fc1'):
+      clip_mixup.prepare(config)
+
+
+@pytest.mark.slow
+class PretrainedEndToEndTest(absltest.TestCase):
+
+  def test_fine_tunes_the_tiny_checkpoint_and_resumes_exactly(self):
+    root = tempfile.mkdtemp()
+    preset = '--config=configs/clip_mixup.py:init=pretrained,smoke'
+    flags = [f'--config.init_path={_TINY_CLIP}',
+             '--config.eval.every_steps=0']
+    # The study: zero-shot, then CLIP and m²-mix fine-tuned from it.
+    study = os.path.join(root, 'study')
+    code, out, err = _launch(study, preset, *flags)
+    self.assertEqual(code, 0, err[-3000:])
+    ref = testing.summary(out)
+    self.assertIn('zero-shot', out)
+    self.assertTrue(np.isfinite(float(ref['zeroshot_r1sum'])))
+    with open(os.path.join(study, 'zeroshot', 'summary.json')) as f:
+      self.assertIn('r1sum', f.read())
+    # The m²-mix stage alone, killed after a checkpoint, then resumed: the
+    # same state as the study's m²-mix stage.
+    alone = os.path.join(root, 'alone')
+    flags.insert(0, preset + ',stage=finetune')
+    proc = _launch(alone, *flags, wait=False)
+    t0 = time.time()
+    while not os.path.isdir(os.path.join(alone, 'checkpoints', '4')):
+      if proc.poll() is not None or time.time() - t0 > 300:
+        raise AssertionError(f'no checkpoint: {proc.communicate()}')
+      time.sleep(0.1)
+    proc.kill()
+    proc.communicate()
+    self.assertFalse(os.path.isdir(os.path.join(alone, 'checkpoints', '12')))
+    code, out, err = _launch(alone, *flags)
+    self.assertEqual(code, 0, err[-3000:])
+    self.assertEqual(testing.summary(out)['state_fingerprint'],
+                     ref['state_fingerprint'])
 
 if __name__ == '__main__':
   absltest.main()

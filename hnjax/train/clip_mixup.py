@@ -27,10 +27,13 @@ objective):
 
 Two stages share this step: ``stage=pretrain`` trains both towers from
 scratch; ``stage=finetune`` starts from another run's parameters
-(``init_from``). ``stage=both`` (the launcher's default) runs the whole
-study in one workdir: ``pretrain/`` (CLIP), ``finetune_clip/`` (plain
-fine-tuning) and ``finetune_<method>/``, each an ordinary resumable run,
-and compares zero-shot, plain fine-tuning and the method.
+(``init_from``) or from a pretrained CLIP checkpoint folder (``init_path``,
+`hnjax.models.clip.from_pretrained`: its towers, tokenizer, image size and
+normalisation). ``stage=both`` (the launcher's default) runs the whole
+study in one workdir: ``pretrain/`` (CLIP; with ``init_path``, ``zeroshot/``:
+the checkpoint evaluated as it is), ``finetune_clip/`` (plain fine-tuning)
+and ``finetune_<method>/``, each an ordinary resumable run, and compares
+zero-shot, plain fine-tuning and the method.
 
 Evaluation: image→text and text→image R@1/5/10 and R1Sum over the whole
 split (`hnjax.eval.retrieval`), uniformity and alignment (Wang & Isola,
@@ -42,6 +45,7 @@ import dataclasses
 import functools
 import json
 import os
+import time
 from typing import Any
 
 from absl import logging
@@ -62,6 +66,8 @@ from hnjax.eval import features as features_lib
 from hnjax.eval import geometry
 from hnjax.eval import retrieval
 from hnjax.models import clip as clip_lib
+from hnjax.models import clip_pretrained
+from hnjax.models import clip_tokenizer
 from hnjax.train import checks
 from hnjax.train import optim as optim_lib
 from hnjax.train import runner
@@ -109,6 +115,7 @@ class StepConfig:
   schedule: bool
   steps_per_epoch: int
   image_size: int
+  context_length: int
   mean: tuple[float, ...]
   std: tuple[float, ...]
 
@@ -126,9 +133,13 @@ def validate(config: mlc.ConfigDict, num_devices: int) -> None:
   del num_devices
   checks.one_of(config, 'method', METHODS)
   checks.one_of(config, 'stage', STAGES)
+  checks.one_of(config, 'model.dtype', ('float32', 'bfloat16'))
   checks.positive(config, 'temperature', 'm2mix.beta', 'm2mix.temperature',
                   'm3mix.beta', 'model.embed_dim', 'text.width',
                   'text.depth', 'text.heads', 'text.vocab_size')
+  if config.init_path:
+    _validate_pretrained(config)
+    return
   for field in ('m2mix.weight', 'm3mix.vmix', 'm3mix.lmix', 'm3mix.vlmix'):
     value = checks.get(config, field)
     checks.require(np.isfinite(value) and value >= 0, field, value,
@@ -139,6 +150,9 @@ def validate(config: mlc.ConfigDict, num_devices: int) -> None:
   checks.require(config.text.context_length >= 2, 'text.context_length',
                  config.text.context_length,
                  'must be >= 2 (the start and end tokens)')
+  checks.require(config.data.image_size > 0, 'data.image_size',
+                 config.data.image_size,
+                 'must be > 0 (0 means the checkpoint\'s: needs init_path)')
   checks.require(config.text.width % config.text.heads == 0, 'text.width',
                  config.text.width,
                  f'must be divisible by text.heads={config.text.heads}')
@@ -155,6 +169,45 @@ def validate(config: mlc.ConfigDict, num_devices: int) -> None:
                    'to start from another run')
     checks.positive(config, 'pretrain.num_steps', 'pretrain.learning_rate',
                     'pretrain.temperature')
+
+
+def _validate_pretrained(config: mlc.ConfigDict) -> None:
+  """The checks of a run that starts from a pretrained CLIP folder."""
+  checks.require(config.stage != 'pretrain', 'stage', config.stage,
+                 'init_path fine-tunes a pretrained CLIP: use stage=both '
+                 '(zero-shot, then fine-tuning) or stage=finetune')
+  checks.require(not config.init_from, 'init_from', config.init_from,
+                 'init_path is set too: start from one of them')
+  spec = pretrained_spec(config)
+  context = config.text.context_length
+  checks.require(context in (0, spec.context_length), 'text.context_length',
+                 context, f'the checkpoint has {spec.context_length} text '
+                 'positions (0: take them)')
+  checks.require(config.data.image_size >= 0, 'data.image_size',
+                 config.data.image_size, 'must be >= 0 (0: the checkpoint\'s '
+                 f'{spec.image_size})')
+  checks.require(config.data.name in paired.DATASETS, 'data.name',
+                 config.data.name, f'not an image-caption dataset; known: '
+                 f'{paired.DATASETS}')
+
+
+@functools.lru_cache(maxsize=4)
+def _read_spec(path: str) -> clip_pretrained.ClipSpec:
+  return clip_pretrained.read_spec(path)
+
+
+def pretrained_spec(config: mlc.ConfigDict) -> clip_pretrained.ClipSpec:
+  """The architecture of ``config.init_path`` (a one-line ConfigError)."""
+  try:
+    return _read_spec(os.path.abspath(config.init_path))
+  except (FileNotFoundError, ValueError) as e:
+    raise checks.ConfigError(f'init_path={config.init_path!r}: {e}') from None
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str, context_length: int) -> clip_tokenizer.ClipTokenizer:
+  return clip_tokenizer.ClipTokenizer.from_folder(
+      path, context_length=context_length)
 
 
 # ----------------------------------------------------------------------------
@@ -272,20 +325,40 @@ def make_optimizer(config, schedule):
   return optim_lib.make_optimizer(o, schedule)
 
 
-def create_state(config, model, tx, info, mesh) -> TrainState:
+def create_state(config, model, tx, cfg, mesh) -> TrainState:
   """A fresh, replicated `TrainState` from ``config.seed``."""
   def init():
     k_init, k_run = jax.random.split(jax.random.key(config.seed))
-    h, w, c = info.image_shape
+    s = cfg.image_size
     variables = model.init(
-        k_init, jnp.zeros((1, h, w, c)),
-        jnp.zeros((1, config.text.context_length), jnp.int32), train=False)
+        k_init, jnp.zeros((1, s, s, 3)),
+        jnp.zeros((1, cfg.context_length), jnp.int32), train=False)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}),
                       opt_state=tx.init(params), rng=k_run)
 
   return state_lib.create(init, mesh)
+
+
+def with_pretrained(state: TrainState, path: str,
+                    spec: clip_pretrained.ClipSpec) -> TrainState:
+  """``state`` with the parameters of the pretrained CLIP at ``path``.
+
+  The optimizer state stays the fresh one (AdamW's moments are zeros
+  whatever the parameters).
+  """
+  loaded = clip_pretrained.load_params(path, spec)
+  fresh = state.params
+  if (jax.tree.structure(loaded) != jax.tree.structure(fresh) or any(
+      np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(loaded),
+                                            jax.tree.leaves(fresh)))):
+    raise ValueError(f'{path}: its parameters do not fit the model built '
+                     'from its config.json')
+  params = jax.tree.map(
+      lambda x, like: jax.device_put(jnp.asarray(x, like.dtype),
+                                     like.sharding), loaded, fresh)
+  return state.replace(params=params)
 
 
 # ----------------------------------------------------------------------------
@@ -393,11 +466,27 @@ _open_paired = functools.lru_cache(maxsize=4)(paired.open_paired)
 
 
 def open_data(config: mlc.ConfigDict) -> runner.Data:
-  """Opens the pairs of this stage and the evaluation splits."""
+  """Opens the pairs of this stage and the evaluation splits.
+
+  With ``init_path`` the captions are tokenised by the checkpoint's
+  tokenizer, real images resized bicubically to its image size (0) and
+  every image normalised with its mean and std.
+  """
   d = config.data
+  part = 'pretrain' if config.stage == 'pretrain' else 'finetune'
+  if config.init_path:
+    spec = pretrained_spec(config)
+    path = os.path.abspath(config.init_path)
+    info = _open_paired(
+        d.name, part=part, context_length=spec.context_length,
+        data_dir=d.data_dir or None,
+        image_size=d.image_size or spec.image_size,
+        tokenizer=_tokenizer(path, spec.context_length), resample='bicubic',
+        normalization=(spec.mean, spec.std))
+    return runner.Data(train=info.train, fields=('image', 'tokens', 'index'),
+                       info=info)
   info = _open_paired(
-      d.name, part='pretrain' if config.stage == 'pretrain' else 'finetune',
-      context_length=config.text.context_length,
+      d.name, part=part, context_length=config.text.context_length,
       data_dir=d.data_dir or None, image_size=d.image_size,
       vocab_size=config.text.vocab_size)
   return runner.Data(train=info.train, fields=('image', 'tokens', 'index'),
@@ -418,13 +507,20 @@ def _step_config(config, setup) -> StepConfig:
       original_negatives=bool(config.m3mix.original_negatives),
       schedule=bool(config.m2mix.schedule),
       steps_per_epoch=setup.steps_per_epoch,
-      image_size=info.image_shape[0], mean=tuple(info.mean),
+      # A pretrained tower takes its own size (shapes32's 32 px are resized).
+      image_size=(pretrained_spec(config).image_size if config.init_path
+                  else info.image_shape[0]),
+      context_length=info.tokenizer.context_length, mean=tuple(info.mean),
       std=tuple(info.std))
 
 
 def create_model(config, info) -> clip_lib.CLIP:
-  """The two towers this config asks for."""
+  """The two towers this config (or its ``init_path``) asks for."""
   tok = info.tokenizer
+  if config.init_path:
+    return clip_pretrained.create_model(
+        pretrained_spec(config), end_id=tok.end_id,
+        dtype=jnp.dtype(config.model.dtype))
   return clip_lib.create_clip(
       image_tower=config.model.backbone, vocab_size=tok.vocab_size,
       context_length=config.text.context_length, end_id=tok.end_id,
@@ -443,12 +539,16 @@ def build(setup: runner.Setup) -> runner.Pieces:
       config.optim, batch_size=config.batch_size,
       steps_per_epoch=setup.steps_per_epoch, total_steps=setup.total_steps)
   tx = make_optimizer(config, schedule)
-  fresh = lambda: create_state(config, model, tx, info, mesh)
+  fresh = lambda: create_state(config, model, tx, cfg, mesh)
+  init_state = fresh
+  if config.init_path:
+    init_state = lambda: with_pretrained(
+        fresh(), os.path.abspath(config.init_path), pretrained_spec(config))
   encoders = _encoders(model, cfg)
   step = functools.partial(train_step, model=model, tx=tx, cfg=cfg,
                            mesh=mesh)
   return runner.Pieces(
-      init_state=fresh,
+      init_state=init_state,
       step=lambda variant: step,
       evaluate=lambda state, final, plot_dir: evaluate(
           state, fresh, encoders, config, info, mesh, final=final,
@@ -497,28 +597,83 @@ def stage_config(config: mlc.ConfigDict, stage: str, *, method: str = '',
   return c
 
 
+def _first_stage(config: mlc.ConfigDict) -> str:
+  """``'zeroshot'`` (a pretrained checkpoint, evaluated) or ``'pretrain'``."""
+  return 'zeroshot' if config.init_path else 'pretrain'
+
+
 def plan(config: mlc.ConfigDict, workdir: str
          ) -> list[tuple[str, mlc.ConfigDict, str]]:
   """``[(name, config, workdir)]`` of the runs this config asks for."""
   if config.stage != 'both':
     return [(config.stage, config, workdir)]
   workdir = os.path.abspath(workdir)  # init_from must not depend on the cwd
-  pre = os.path.join(workdir, 'pretrain')
-  runs = [('pretrain', stage_config(config, 'pretrain'), pre)]
+  first = _first_stage(config)
+  if first == 'zeroshot':  # the checkpoint as it is; fine-tuned from it
+    runs = [(first, stage_config(config, 'finetune', method='clip'),
+             os.path.join(workdir, first))]
+    init_from = ''
+  else:
+    init_from = os.path.join(workdir, first)
+    runs = [(first, stage_config(config, 'pretrain'), init_from)]
   for method in dict.fromkeys(('clip', config.method)):
     runs.append((f'finetune_{method}',
                  stage_config(config, 'finetune', method=method,
-                              init_from=pre),
+                              init_from=init_from),
                  os.path.join(workdir, f'finetune_{method}')))
   return runs
 
 
+def zero_shot(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The test metrics of ``config.init_path``'s towers, not trained.
+
+  Written to ``<workdir>/summary.json`` with the config; a later call with
+  the same config reads them back instead of evaluating again.
+
+  Returns:
+    A summary like `runner.train_and_evaluate`'s, at step 0.
+  """
+  t0 = time.time()
+  workdir = os.path.abspath(workdir)
+  config_json = json.loads(config.to_json_best_effort())
+  path = os.path.join(workdir, 'summary.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved.get('config') == config_json:
+      return saved['summary']
+  setup = runner.prepare(FAMILY, config)
+  pieces = build(setup)
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+  results = pieces.evaluate(pieces.init_state(), True,
+                            workdir if is_main else None)
+  summary = dict(step=0, interrupted=False)
+  summary.update({k: float(v) for k, v in results.items() if k in SUMMARY})
+  summary['wall_s'] = round(time.time() - t0, 1)
+  if is_main:
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+      json.dump({'config': config_json, 'summary': summary}, f, indent=1)
+    os.replace(tmp, path)  # atomic: a crash never leaves half a summary
+  return summary
+
+
 def prepare(config: mlc.ConfigDict) -> runner.Setup:
   """Checks the config (every stage of ``stage=both``) and opens the data;
-  writes nothing. ``init_from`` must hold parameters that fit."""
+  writes nothing. ``init_from`` must hold parameters that fit, and
+  ``init_path`` a checkpoint whose tensors fit its config.json."""
   validate(config, 1)
   setups = [runner.prepare(FAMILY, c) for _, c, _ in plan(config, '.')]
-  if config.stage == 'finetune':
+  if config.init_path:
+    try:
+      clip_pretrained.load_params(os.path.abspath(config.init_path),
+                                  pretrained_spec(config))
+    except (FileNotFoundError, ValueError) as e:
+      raise checks.ConfigError(
+          f'init_path={config.init_path!r}: {e}') from None
+  elif config.stage == 'finetune':
     pieces = build(setups[0])
     state_lib.load_params(pieces.init_state(), config.init_from,
                           pieces.init_fields)
@@ -554,6 +709,9 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *,
                                      allow_changes=allow_changes)
   stages = {}
   for name, c, directory in plan(config, workdir):
+    if name == 'zeroshot':
+      stages[name] = zero_shot(c, directory)
+      continue
     # The mixing fields do not touch the CLIP / SigLIP stages: the study of
     # another method in the same workdir reuses them.
     unused = () if c.method in ('m2mix', 'm3mix') else ('m2mix', 'm3mix')
@@ -564,7 +722,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *,
       out['stage'] = name
       return out
   out = dict(stages[f'finetune_{config.method}'])
-  prefixes = {'pretrain': 'zeroshot_', 'finetune_clip': 'finetune_clip_'}
+  first = _first_stage(config)
+  prefixes = {first: 'zeroshot_', 'finetune_clip': 'finetune_clip_'}
   for name, prefix in prefixes.items():
     if name != f'finetune_{config.method}':
       out.update({prefix + k: stages[name][k]
@@ -572,39 +731,41 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *,
                   if k in stages[name]})
   out['wall_s'] = round(sum(s['wall_s'] for s in stages.values()), 1)
   if jax.process_index() == 0:
-    rows = comparison_rows(stages, config.method)
+    rows = comparison_rows(stages, config.method, first)
     with open(os.path.join(workdir, 'comparison.json'), 'w') as f:
       json.dump(rows, f, indent=1)
     try:
       from hnjax.eval import plots  # pylint: disable=g-import-not-at-top
       plots.plot_clip_comparison(workdir, rows, {
           label: os.path.join(workdir, name, 'test_embeddings.npz')
-          for label, name in _LABELS[config.method]}, show=False)
+          for label, name in _labels(config.method, first)}, show=False)
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('comparison plots failed: %s', e)
   out['stages'] = rows
   return out
 
 
-def _labels(method):
-  rows = [('untrained', None), ('zero-shot', 'pretrain'),
-          ('fine-tune (clip)', 'finetune_clip')]
+def _labels(method: str, first: str = 'pretrain') -> list[tuple[str, str]]:
+  """``(row label, stage)`` of a study's trained or loaded towers."""
+  rows = [('zero-shot', first), ('fine-tune (clip)', 'finetune_clip')]
   if method != 'clip':
     rows.append((f'fine-tune ({method})', f'finetune_{method}'))
   return rows
 
 
-_LABELS = {m: [(l, n) for l, n in _labels(m) if n] for m in METHODS}
+def comparison_rows(stages: dict[str, dict[str, Any]], method: str,
+                    first: str = 'pretrain') -> dict[str, dict[str, float]]:
+  """``{row label: {metric: value}}`` of a ``stage=both`` study.
 
-
-def comparison_rows(stages: dict[str, dict[str, Any]], method: str
-                    ) -> dict[str, dict[str, float]]:
-  """``{row label: {metric: value}}`` of a ``stage=both`` study."""
+  ``first`` is the stage of the zero-shot row (`_first_stage`); the
+  untrained row is there when that stage measured baselines.
+  """
   rows = {}
-  pre = stages['pretrain']
-  rows['untrained'] = {k[len('untrained_'):]: v for k, v in pre.items()
-                       if k.startswith('untrained_')}
-  for label, name in _LABELS[method]:
+  untrained = {k[len('untrained_'):]: v for k, v in stages[first].items()
+               if k.startswith('untrained_')}
+  if untrained:
+    rows['untrained'] = untrained
+  for label, name in _labels(method, first):
     rows[label] = {k: stages[name][k] for k in SUMMARY if k in stages[name]}
   return rows
 
