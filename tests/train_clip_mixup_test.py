@@ -5,6 +5,7 @@ import os
 import random
 import tempfile
 import time
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -363,16 +364,34 @@ class PretrainedConfigTest(parameterized.TestCase):
                                 r'text_model\.encoder\.layers\.0\.mlp\.fc1'):
       clip_mixup.prepare(config)
 
+  def test_zero_shot_is_evaluated_once(self):
+    config = clip_mixup.plan(self._config(), '/w')[0][1]
+    config.unlock()
+    config.data.data_dir = testing.launcher_env()['HNJAX_DATA_DIR']
+    workdir = tempfile.mkdtemp()
+    summary = clip_mixup.zero_shot(config, workdir)
+    self.assertEqual((summary['step'], summary['interrupted']), (0, False))
+    self.assertTrue(np.isfinite(summary['r1sum']))
+    self.assertTrue(os.path.exists(os.path.join(workdir,
+                                                'test_embeddings.npz')))
+    with mock.patch.object(clip_mixup, 'build', side_effect=AssertionError):
+      self.assertEqual(clip_mixup.zero_shot(config, workdir), summary)
+      config.seed = 2  # another config: evaluated again
+      with self.assertRaises(AssertionError):
+        clip_mixup.zero_shot(config, workdir)
+
 
 @pytest.mark.slow
 class PretrainedEndToEndTest(absltest.TestCase):
 
   def test_fine_tunes_the_tiny_checkpoint_and_resumes_exactly(self):
     root = tempfile.mkdtemp()
-    preset = '--config=configs/clip_mixup.py:init=pretrained,smoke'
+    # bf16 compute (float32 parameters and logits), as on accelerators.
+    preset = '--config=configs/clip_mixup.py:init=pretrained,smoke,method=clip'
     flags = [f'--config.init_path={_TINY_CLIP}',
-             '--config.eval.every_steps=0']
-    # The study: zero-shot, then CLIP and m²-mix fine-tuned from it.
+             '--config.eval.every_steps=0', '--config.model.dtype=bfloat16']
+    # The study: zero-shot, then CLIP fine-tuned from the checkpoint (with
+    # method=m2mix a third stage, the same code path).
     study = os.path.join(root, 'study')
     code, out, err = _launch(study, preset, *flags)
     self.assertEqual(code, 0, err[-3000:])
@@ -381,8 +400,8 @@ class PretrainedEndToEndTest(absltest.TestCase):
     self.assertTrue(np.isfinite(float(ref['zeroshot_r1sum'])))
     with open(os.path.join(study, 'zeroshot', 'summary.json')) as f:
       self.assertIn('r1sum', f.read())
-    # The m²-mix stage alone, killed after a checkpoint, then resumed: the
-    # same state as the study's m²-mix stage.
+    # The fine-tuning alone, killed after a checkpoint, then resumed: the
+    # same state as the study's.
     alone = os.path.join(root, 'alone')
     flags.insert(0, preset + ',stage=finetune')
     proc = _launch(alone, *flags, wait=False)

@@ -80,6 +80,9 @@ DATA = parallel.DATA
 SUMMARY = ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10',
            'r1sum', 'uniformity', 'alignment', 'modality_gap',
            'hard_negative_acc')
+# Real datasets: the one-caption protocol of the m²-mix paper besides the
+# standard one (shapes32 has only one protocol, unprefixed).
+PROTOCOL_SUMMARY = ('first_i2t_r1', 'first_t2i_r1', 'first_r1sum')
 
 
 @flax.struct.dataclass
@@ -129,17 +132,16 @@ def validate(config: mlc.ConfigDict, num_devices: int) -> None:
   """Raises checks.ConfigError naming the first impossible CLIP-mixup field.
 
   The fields every family shares are checked by `checks.common` first.
+  With ``init_path`` the checkpoint's config.json replaces ``model.*``
+  and ``text.*`` (but ``text.context_length``, which must be 0 or the
+  checkpoint's), so those are not checked.
   """
   del num_devices
   checks.one_of(config, 'method', METHODS)
   checks.one_of(config, 'stage', STAGES)
   checks.one_of(config, 'model.dtype', ('float32', 'bfloat16'))
   checks.positive(config, 'temperature', 'm2mix.beta', 'm2mix.temperature',
-                  'm3mix.beta', 'model.embed_dim', 'text.width',
-                  'text.depth', 'text.heads', 'text.vocab_size')
-  if config.init_path:
-    _validate_pretrained(config)
-    return
+                  'm3mix.beta')
   for field in ('m2mix.weight', 'm3mix.vmix', 'm3mix.lmix', 'm3mix.vlmix'):
     value = checks.get(config, field)
     checks.require(np.isfinite(value) and value >= 0, field, value,
@@ -147,6 +149,14 @@ def validate(config: mlc.ConfigDict, num_devices: int) -> None:
   checks.require(0 <= config.optim.get('warmup_fraction', 0) < 1,
                  'optim.warmup_fraction', config.optim.get('warmup_fraction'),
                  'must be in [0, 1)')
+  checks.require(config.data.name in paired.DATASETS, 'data.name',
+                 config.data.name, f'not an image-caption dataset; known: '
+                 f'{paired.DATASETS}')
+  if config.init_path:
+    _validate_pretrained(config)
+    return
+  checks.positive(config, 'model.embed_dim', 'text.width', 'text.depth',
+                  'text.heads', 'text.vocab_size')
   checks.require(config.text.context_length >= 2, 'text.context_length',
                  config.text.context_length,
                  'must be >= 2 (the start and end tokens)')
@@ -156,13 +166,11 @@ def validate(config: mlc.ConfigDict, num_devices: int) -> None:
   checks.require(config.text.width % config.text.heads == 0, 'text.width',
                  config.text.width,
                  f'must be divisible by text.heads={config.text.heads}')
-  checks.require(config.data.name in paired.DATASETS, 'data.name',
-                 config.data.name, f'not an image-caption dataset; known: '
-                 f'{paired.DATASETS}')
   if config.stage == 'finetune':
     checks.require(bool(config.init_from), 'init_from', config.init_from,
                    'stage=finetune starts from another run: set '
-                   '--config.init_from=<its workdir>')
+                   '--config.init_from=<its workdir> (or init_path=<a '
+                   'pretrained CLIP folder>)')
   if config.stage == 'both':
     checks.require(not config.init_from, 'init_from', config.init_from,
                    'stage=both pretrains its own towers; use stage=finetune '
@@ -186,9 +194,6 @@ def _validate_pretrained(config: mlc.ConfigDict) -> None:
   checks.require(config.data.image_size >= 0, 'data.image_size',
                  config.data.image_size, 'must be >= 0 (0: the checkpoint\'s '
                  f'{spec.image_size})')
-  checks.require(config.data.name in paired.DATASETS, 'data.name',
-                 config.data.name, f'not an image-caption dataset; known: '
-                 f'{paired.DATASETS}')
 
 
 @functools.lru_cache(maxsize=4)
@@ -559,7 +564,8 @@ def build(setup: runner.Setup) -> runner.Pieces:
                                  'opt_state': state.opt_state},
       progress=('loss', 'logit_scale'),
       histogram_ranges={'pair_loss': (0.0, 10.0)},
-      summary=SUMMARY + ('untrained_r1sum', 'untrained_hard_negative_acc'))
+      summary=SUMMARY + PROTOCOL_SUMMARY + ('untrained_r1sum',
+                                           'untrained_hard_negative_acc'))
 
 
 FAMILY = runner.Family(name='clip_mixup', validate=validate,
@@ -649,13 +655,17 @@ def zero_shot(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
   results = pieces.evaluate(pieces.init_state(), True,
                             workdir if is_main else None)
+  results = runner.only_scalars(results)
   summary = dict(step=0, interrupted=False)
-  summary.update({k: float(v) for k, v in results.items() if k in SUMMARY})
+  summary.update({k: float(v) for k, v in results.items()
+                  if k in SUMMARY + PROTOCOL_SUMMARY})
   summary['wall_s'] = round(time.time() - t0, 1)
   if is_main:
     tmp = f'{path}.tmp{os.getpid()}'
     with open(tmp, 'w') as f:
-      json.dump({'config': config_json, 'summary': summary}, f, indent=1)
+      json.dump({'config': config_json, 'summary': summary,
+                 'results': {k: float(v) for k, v in results.items()}}, f,
+                indent=1)
     os.replace(tmp, path)  # atomic: a crash never leaves half a summary
   return summary
 

@@ -341,7 +341,7 @@ def _run(family, setup, config, config_json, workdir, t0):
                     step, name, parallel.to_host(value),
                     value_range=pieces.histogram_ranges.get(name, (-1., 1.)))
           if step in eval_at and step != total:
-            writer.write_scalars(step, _only_scalars(
+            writer.write_scalars(step, only_scalars(
                 pieces.evaluate(state, False, None)))
           stop = guard.should_stop(step)
           if step % config.ckpt.every_steps == 0 or step == total or stop:
@@ -373,7 +373,7 @@ def _run(family, setup, config, config_json, workdir, t0):
   final_step = int(parallel.to_host(state.step))
   summary = dict(step=final_step, interrupted=interrupted)
   if not interrupted:
-    results = _only_scalars(
+    results = only_scalars(
         pieces.evaluate(state, True, workdir if is_main else None))
     writer.write_scalars(final_step, results)
     summary.update({k: v for k, v in results.items()
@@ -392,7 +392,7 @@ def _run(family, setup, config, config_json, workdir, t0):
   return summary
 
 
-def _only_scalars(results: Mapping[str, Any]) -> dict[str, Any]:
+def only_scalars(results: Mapping[str, Any]) -> dict[str, Any]:
   """The int / float results (arrays are for plots, not logs)."""
   return {k: v for k, v in results.items()
           if isinstance(v, (int, float, np.integer, np.floating))}
