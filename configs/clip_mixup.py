@@ -199,4 +199,3 @@ def _pretrained_protocol(c: mlc.ConfigDict, siglip: bool) -> None:
   c.eval.baselines = False
   c.eval.every_steps = 0  # the paper evaluates at the last epoch
   c.ckpt.every_steps = 500
-
