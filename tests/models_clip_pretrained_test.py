@@ -236,5 +236,20 @@ class SpecTest(absltest.TestCase):
     self.assertEqual(spec.mean, clip_pretrained.CLIP_MEAN)
 
 
+  def test_named_sizes_match_the_reference_parameter_counts(self):
+    # transformers' CLIPModel: 151,277,313 (ViT-B/32) and 149,620,737
+    # (ViT-B/16) parameters; hnjax adds SigLIP's bias.
+    for name, count in (('vit_b32', 151_277_313), ('vit_b16', 149_620_737)):
+      spec = clip_pretrained.ARCHITECTURES[name]
+      model = clip_pretrained.create_model(spec, end_id=49407)
+      shapes = jax.eval_shape(
+          model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)),
+          jnp.zeros((1, 77), jnp.int32), train=False)
+      total = sum(x.size for x in jax.tree.leaves(shapes['params']))
+      self.assertEqual(total, count + 1, name)
+    self.assertEqual(clip_pretrained.ARCHITECTURES['tiny'],
+                     clip_pretrained.read_spec(_CKPT))
+
+
 if __name__ == '__main__':
   absltest.main()

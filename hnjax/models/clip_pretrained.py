@@ -88,6 +88,32 @@ class ClipSpec:
   std: tuple[float, float, float] = CLIP_STD
 
 
+def _openai_vit(patch_size: int) -> ClipSpec:
+  return ClipSpec(
+      image_size=224, patch_size=patch_size, vision_width=768,
+      vision_depth=12, vision_heads=12, vision_mlp=3072,
+      vision_activation='quick_gelu', vocab_size=49408, context_length=77,
+      text_width=512, text_depth=12, text_heads=8, text_mlp=2048,
+      text_activation='quick_gelu', text_pool='argmax', eos_token_id=49407,
+      embed_dim=512, layer_norm_eps=(1e-5, 1e-5))
+
+
+# Sizes without a checkpoint (e.g. to benchmark or to train from scratch):
+# OpenAI's ViT-B/32 (151,277,313 parameters in transformers' CLIPModel, one
+# more here: SigLIP's bias), ViT-B/16, and the tiny test checkpoint's.
+ARCHITECTURES = {
+    'vit_b32': _openai_vit(32),
+    'vit_b16': _openai_vit(16),
+    'tiny': ClipSpec(
+        image_size=32, patch_size=8, vision_width=32, vision_depth=2,
+        vision_heads=4, vision_mlp=64, vision_activation='quick_gelu',
+        vocab_size=714, context_length=16, text_width=32, text_depth=2,
+        text_heads=4, text_mlp=64, text_activation='quick_gelu',
+        text_pool='argmax', eos_token_id=2, embed_dim=24,
+        layer_norm_eps=(1e-5, 1e-5)),
+}
+
+
 def _field(config: dict[str, Any], key: str, where: str, kind=int):
   if key not in config:
     raise ValueError(f'{where}: no {key!r} field')
@@ -168,7 +194,7 @@ def create_model(spec: ClipSpec, *, end_id: int, dtype: Any = jnp.float32
   """The `CLIP` module of ``spec`` (parameters float32, compute ``dtype``).
 
   Args:
-    spec: from `read_spec`.
+    spec: from `read_spec`, or one of `ARCHITECTURES`.
     end_id: the tokenizer's end token (pooled when ``spec.text_pool`` is
       ``'end'``).
     dtype: compute dtype of both towers.
