@@ -4,6 +4,9 @@ r"""CLIP-mixup launcher: flags -> config -> train_and_evaluate.
   python -m launch.clip_mixup --config=configs/clip_mixup.py:method=m3mix
   python -m launch.clip_mixup --config=configs/clip_mixup.py:stage=finetune \
       --config.init_from=runs/m2mix/pretrain --workdir=runs/my_finetune
+  python -m launch.clip_mixup \
+      --config=configs/clip_mixup.py:data=coco,init=clip_vit_b32 \
+      --config.init_path=$HOME/ckpt/clip-vit-base-patch32  # the paper's
 
 Re-running the same command resumes from the workdir (each stage from its
 own checkpoints); on every host of a multi-host job run it with
