@@ -21,6 +21,8 @@ each write evicts whatever sits at the new per-shard pointer, not strictly
 the oldest keys; after one pass the queue is FIFO again.
 """
 
+import functools
+
 import flax.struct
 import jax
 from jax import lax
@@ -132,7 +134,12 @@ def enqueue(
   ``K``. Sharded (inside ``jax.shard_map`` over ``axis_name``, with
   ``queue`` being the device's shard and ``keys`` its rows of the global
   batch), each device writes into its own shard at ``ptr / n``: no
-  communication. Call it after the loss that used the old queue, so a key is
+  communication. Called outside ``shard_map`` on a global queue whose rows
+  are sharded (``init(..., sharding=...)``), it does the same per shard,
+  writing the rows `make_enqueue` writes; that sharding must be visible:
+  eagerly on any mesh, under ``jit`` on meshes with explicit axes (the
+  default of ``jax.make_mesh``). Under ``jit`` on an ``Auto`` mesh (such
+  as `parallel.make_mesh`'s) tracing cannot see it: use `make_enqueue`. Call it after the loss that used the old queue, so a key is
   never its own query's negative. Jit it with the queue donated so the old
   buffer is reused in place (`make_enqueue` does this for a mesh).
 
@@ -155,6 +162,11 @@ def enqueue(
     >>> q.ids.tolist(), int(q.ptr)  # wrapped around
     ([2, 3, 9, 1], 2)
   """
+  if axis_name is None:
+    where = _row_sharding(queue.keys)
+    if where is not None:
+      mesh, axis = where
+      return _enqueue_shards(queue, keys, ids, labels, mesh=mesh, axis=axis)
   k_local, dim = queue.keys.shape
   _checks.rank('keys', keys, 2, '[B, D]')
   b = jnp.shape(keys)[0]
@@ -182,6 +194,49 @@ def enqueue(
       ptr=(queue.ptr + n * b) % (n * k_local))
 
 
+def _row_sharding(x) -> tuple[jax.sharding.Mesh, str] | None:
+  """``(mesh, axis)`` when ``x``'s rows are split over several devices.
+
+  Known for concrete arrays and, under ``jit``, for meshes with explicit
+  axes; ``None`` otherwise (unsharded, or an ``Auto`` mesh under ``jit``,
+  whose shardings tracing does not see).
+  """
+  if isinstance(x, jax.core.Tracer):
+    sharding = getattr(jax.typeof(x), 'sharding', None)
+  else:
+    sharding = getattr(x, 'sharding', None)
+  if not isinstance(sharding, NamedSharding) or not len(sharding.spec):
+    return None
+  axis = sharding.spec[0]
+  if not isinstance(axis, str) or sharding.mesh.shape[axis] == 1:
+    return None
+  return sharding.mesh, axis
+
+
+def _enqueue_shards(queue, keys, ids, labels, *, mesh, axis):
+  """`enqueue` of a global queue sharded over ``axis``: each device writes
+  its rows of the batch into its own shard, as `make_enqueue` does."""
+  n = mesh.shape[axis]
+  _checks.rank('keys', keys, 2, '[B, D]')
+  g = jnp.shape(keys)[0]
+  if g % n:
+    raise ValueError(f'keys has {g} rows: not divisible by the {n} shards '
+                     f'of the queue (axis {axis!r})')
+  none = jnp.full((g,), -1, jnp.int32)
+  ids = none if ids is None else ids
+  labels = none if labels is None else labels
+  if jax.sharding.AxisType.Explicit in mesh.axis_types:
+    # Explicit axes: shard_map takes inputs only as in_specs lays them out.
+    rows = NamedSharding(mesh, P(axis))
+    keys, ids, labels = (jax.sharding.reshard(x, rows)
+                         for x in (keys, ids, labels))
+  body = jax.shard_map(
+      lambda q, k, i, l: enqueue(q, k, i, l, axis_name=axis), mesh=mesh,
+      in_specs=(specs(axis), P(axis), P(axis), P(axis)),
+      out_specs=specs(axis))
+  return body(queue, keys, ids, labels)
+
+
 def specs(axis_name: str = 'data') -> MemoryQueue:
   """``shard_map`` partition specs of a queue sharded over ``axis_name``."""
   rows = P(axis_name)
@@ -204,9 +259,5 @@ def make_enqueue(mesh: jax.sharding.Mesh, axis_name: str = 'data'):
   if axis_name not in mesh.axis_names:
     raise ValueError(f'axis_name={axis_name!r} is not an axis of the mesh '
                      f'{mesh.axis_names}')
-  body = jax.shard_map(
-      lambda q, k, i, l: enqueue(q, k, i, l, axis_name=axis_name),
-      mesh=mesh, in_specs=(specs(axis_name), P(axis_name), P(axis_name),
-                           P(axis_name)),
-      out_specs=specs(axis_name))
-  return jax.jit(body, donate_argnums=0)
+  return jax.jit(functools.partial(_enqueue_shards, mesh=mesh,
+                                   axis=axis_name), donate_argnums=0)

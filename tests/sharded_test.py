@@ -306,6 +306,45 @@ class ShardedQueueTest(parameterized.TestCase):
     unmasked = samplers.hardest_negatives(query, bank, 1)[1]
     np.testing.assert_array_equal(unmasked[:, 0], np.arange(0, 64, 4))
 
+  @parameterized.named_parameters(
+      ('jax_make_mesh_eager', 'explicit', False),
+      ('jax_make_mesh_jit', 'explicit', True),
+      ('parallel_make_mesh_eager', 'auto', False),
+  )
+  def test_global_enqueue_writes_the_rows_make_enqueue_writes(self, axes,
+                                                              jitted):
+    # Once a raw "Incompatible types for broadcasting" on jax.make_mesh's
+    # explicit axes, and on an Auto mesh other rows than make_enqueue's
+    # (mixing the two overwrote fresh keys while initial slots stayed).
+    mesh = (jax.make_mesh((8,), ('data',)) if axes == 'explicit'
+            else parallel.make_mesh(8))
+    rows = NamedSharding(mesh, ROWS)
+    fresh = lambda: queue_lib.init(jax.random.key(0), 64, 4, sharding=rows)
+    rng = np.random.default_rng(0)
+    batches = [(testing.unit(rng, 16, 4),
+                np.arange(16 * i, 16 * i + 16, dtype=np.int32))
+               for i in range(5)]  # 80 keys into 64 slots: wraps
+    ref, q = fresh(), fresh()
+    enqueue = jax.jit(queue_lib.enqueue) if jitted else queue_lib.enqueue
+    for step, (keys, ids) in enumerate(batches):
+      ref = queue_lib.make_enqueue(mesh)(ref, keys, ids, ids % 3)
+      # Sharded and replicated inputs alike; both APIs mixed on one queue.
+      keys_in = jax.device_put(keys, rows) if step % 2 else keys
+      q = enqueue(q, keys_in, ids, ids % 3)
+      if step == 2:
+        q = queue_lib.make_enqueue(mesh)(q, *batches[3][:1], batches[3][1],
+                                         batches[3][1] % 3)
+        ref = queue_lib.make_enqueue(mesh)(ref, *batches[3][:1],
+                                           batches[3][1], batches[3][1] % 3)
+    for got, want in zip(jax.tree.leaves(q), jax.tree.leaves(ref)):
+      np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.sort(np.asarray(q.ids)),
+                                  np.sort(np.asarray(ref.ids)))
+    self.assertNotIn(-1, np.asarray(q.ids))  # no initial slot left behind
+    with self.assertRaisesRegex(ValueError, 'keys has 12 rows: not '
+                                'divisible by the 8 shards'):
+      queue_lib.enqueue(fresh(), np.ones((12, 4), np.float32))
+
   def test_bad_enqueue(self):
     mesh = parallel.make_mesh(8)
     q = queue_lib.init(jax.random.key(0), 16, 4,
