@@ -6,7 +6,6 @@ and gradients are compared with the same function called on the whole,
 unsharded arrays.
 """
 
-import functools
 from unittest import mock
 
 from absl.testing import absltest
