@@ -167,16 +167,18 @@ class VisionTransformer(nn.Module):
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32,
                      param_dtype=self.param_dtype, name='ln_pre')(x)
     for i in range(self.depth):
-      x = self._block(f'block_{i}')(x.astype(self.dtype))
+      x = _block(self, f'block_{i}')(x.astype(self.dtype))
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32,
                      param_dtype=self.param_dtype, name='ln_post')(x[:, 0])
     return x.astype(jnp.float32)
 
-  def _block(self, name):
-    return Block(self.width, self.heads, mlp_dim=self.mlp_dim,
-                 activation=self.activation,
-                 layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name=name)
+
+def _block(tower: nn.Module, name: str) -> Block:
+  """A `Block` with the sizes, activation and dtypes of ``tower``."""
+  return Block(tower.width, tower.heads, mlp_dim=tower.mlp_dim,
+               activation=tower.activation,
+               layer_norm_eps=tower.layer_norm_eps, dtype=tower.dtype,
+               param_dtype=tower.param_dtype, name=name)
 
 
 def end_positions(tokens: jax.Array, end_id: int) -> jax.Array:
@@ -253,10 +255,7 @@ class TextTransformer(nn.Module):
     x = (x + pos).astype(self.dtype)
     mask = nn.make_causal_mask(tokens)  # [B, 1, L, L]
     for i in range(self.depth):
-      x = Block(self.width, self.heads, mlp_dim=self.mlp_dim,
-                activation=self.activation,
-                layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f'block_{i}')(x, mask)
+      x = _block(self, f'block_{i}')(x, mask)
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32,
                      param_dtype=self.param_dtype, name='ln_final')(x)
     if self.pool == 'argmax':
