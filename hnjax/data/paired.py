@@ -230,6 +230,7 @@ def _open_real(name, context_length, data_dir, image_size, vocab_size,
   # pylint: disable=g-import-not-at-top
   from hnjax.data import real_captions
   from hnjax.data import subword
+  from hnjax.models import clip_pretrained
   # pylint: enable=g-import-not-at-top
   if name == 'coco':
     open_split = real_captions.open_coco
@@ -257,8 +258,7 @@ def _open_real(name, context_length, data_dir, image_size, vocab_size,
       test=_real_eval(test, tokenizer), tokenizer=tokenizer,
       image_shape=(image_size, image_size, 3),
       # CLIP's normalisation statistics.
-      mean=(0.48145466, 0.4578275, 0.40821073),
-      std=(0.26862954, 0.26130258, 0.27577711))
+      mean=clip_pretrained.CLIP_MEAN, std=clip_pretrained.CLIP_STD)
 
 
 class _Concat:
