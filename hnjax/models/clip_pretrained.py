@@ -114,11 +114,12 @@ ARCHITECTURES = {
 }
 
 
-def _field(config: dict[str, Any], key: str, where: str, kind=int):
+def _field(config: dict[str, Any], key: str, where: str) -> int:
+  """A positive integer field of a config.json section."""
   if key not in config:
     raise ValueError(f'{where}: no {key!r} field')
   value = config[key]
-  if kind is int and not (isinstance(value, int) and value > 0):
+  if not (isinstance(value, int) and value > 0):
     raise ValueError(f'{where}: {key}={value!r} must be a positive integer')
   return value
 
