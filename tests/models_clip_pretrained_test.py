@@ -197,6 +197,12 @@ class ErrorsTest(absltest.TestCase):
                                 "tensor 'text_model.encoder.layers.1"):
       clip.from_pretrained(self.ckpt)
 
+  def test_non_finite_logit_scale(self):
+    self._edit_weights(lambda t: t.update(
+        logit_scale=np.array(np.nan, np.float32)))
+    with self.assertRaisesRegex(ValueError, 'logit_scale is not finite'):
+      clip.from_pretrained(self.ckpt)
+
   def test_half_precision_files_load_as_float32(self):
     self._edit_weights(lambda t: t.update(
         {k: v.astype(np.float16) for k, v in t.items()}))
