@@ -418,18 +418,31 @@ def bank_stats(
   bank = jnp.asarray(negatives, jnp.float32)
   wanted = num_top + skip_top  # the first skip_top are dropped below
   local_top = min(wanted, k_local)
+  # Sharded: each shard first proposes only `_proposals` candidates per
+  # query, enough unless a query's hardest entries crowd into one shard.
+  sent = local_top if axis_name is None else min(local_top,
+                                                 _proposals(wanted, n))
   block = _resolve_block_size(block_size, g, k_local)
-  lse, top_v, top_i = _stats(q, bank, negative_mask, scales, local_top, block,
+  lse, top_v, top_i = _stats(q, bank, negative_mask, scales, sent, block,
                              max_similarity)
   if lse is None:
     lse = jnp.zeros((0, g), jnp.float32)
-  top_v = lax.stop_gradient(top_v)
-  top_i = jnp.where(jnp.isfinite(top_v), top_i, -1)
   if axis_name is None:
-    stats = BankStats(lse, top_v, top_i)
+    top_v = lax.stop_gradient(top_v)
+    stats = BankStats(lse, top_v, jnp.where(jnp.isfinite(top_v), top_i, -1))
   else:
-    stats = _reduce_to_owner(lse, top_v, top_i, k_local, wanted, n,
-                             axis_name)
+    lse = _lse_to_owner(lse, n, axis_name)
+    top = _top_to_owner(top_v, top_i, k_local, wanted, n, axis_name,
+                        complete=sent == local_top)
+    if sent < local_top:
+      def exact():  # every shard sends all its local_top candidates
+        _, _, v, i = _forward(lax.stop_gradient(q), lax.stop_gradient(bank),
+                              negative_mask, (), local_top, block, False,
+                              max_similarity)
+        return _top_to_owner(v, i, k_local, wanted, n, axis_name,
+                             complete=True)[:2]
+      top = lax.cond(top[2], exact, lambda: top[:2])
+    stats = BankStats(lse, *top[:2])
   if not skip_top:
     return stats
   return BankStats(stats.lse, stats.top_similarities[:, skip_top:],
@@ -493,33 +506,68 @@ def count_above(
   return counts
 
 
-def _reduce_to_owner(lse, top_v, top_i, k_local, num_top, n, axis_name):
-  """Combines per-shard statistics of all G queries on their owners."""
+def _proposals(wanted: int, n: int) -> int:
+  """Candidates per query each of ``n`` shards proposes for a global top-k.
+
+  A query's ``wanted`` hardest entries fall on a shard about ``wanted / n``
+  at a time (binomially); six standard deviations and a few more leave a
+  full shard, which triggers the exact second pass, rare for a bank whose
+  rows are spread over the shards at random (a MoCo queue).
+  """
+  mean = wanted / n
+  return math.ceil(mean + 6.0 * math.sqrt(mean) + 4.0)
+
+
+def _lse_to_owner(lse, n, axis_name):
+  """Per-shard log-sum-exps of all G queries -> the owner's ``[S, B]``."""
   b = lse.shape[1] // n
   me = lax.axis_index(axis_name)
-  # Log-sum-exp: shift by a shared stop-gradient max (pmax has no
-  # differentiation rule, so the stop_gradient goes inside), sum the
-  # exponentials of the owner's rows across shards.
+  # Shift by a shared stop-gradient max (pmax has no differentiation rule,
+  # so the stop_gradient goes inside), sum the exponentials of the owner's
+  # rows across shards.
   m = lax.pmax(lax.stop_gradient(lse), axis_name)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   s = lax.psum_scatter(jnp.exp(lse - m), axis_name, scatter_dimension=1,
                        tiled=True)
   m_own = lax.dynamic_slice_in_dim(m, me * b, b, axis=1)
-  lse_own = safe_log(s) + m_own
+  return safe_log(s) + m_own
+
+
+def _top_to_owner(top_v, top_i, k_local, num_top, n, axis_name, complete):
+  """Per-shard top-k candidates of all G queries -> the owner's top-k.
+
+  Each shard sends every owner its candidates for the owner's queries and
+  the owner keeps the best ``num_top``. Candidates arrive in shard order,
+  so ties still go to the lower global index, as in the dense top-k.
+
+  Returns ``(values [B, N], indices [B, N], redo)``: ``redo`` (the same on
+  every device) is True when some shard sent fewer candidates than it has
+  and its last one could still belong in some query's top-k (it is not
+  below the owner's ``num_top``-th): then the result may be inexact and
+  must be recomputed with every candidate. Always False if ``complete``.
+  """
+  g, nl = top_v.shape
+  b = g // n
   if not num_top:
-    return BankStats(lse_own, top_v[:b, :0], top_i[:b, :0])
-  # Hardest-k: each shard sends every owner its local candidates, the owner
-  # keeps the best num_top. Candidates arrive in shard order, so ties still
-  # go to the lower global index, as in the dense top-k.
-  top_i = jnp.where(top_i >= 0, top_i + me * k_local, -1)
-  nl = top_v.shape[1]
+    return top_v[:b], top_i[:b], jnp.zeros((), bool)
+  me = lax.axis_index(axis_name)
+  top_v = lax.stop_gradient(top_v)
+  top_i = jnp.where(jnp.isfinite(top_v), top_i + me * k_local, -1)
   v = lax.all_to_all(top_v.reshape(n, b, nl), axis_name, 0, 0)
   i = lax.all_to_all(top_i.reshape(n, b, nl), axis_name, 0, 0)
+  last = v[:, :, -1].T  # [B, n]: each shard's weakest candidate sent
   v = jnp.moveaxis(v, 0, 1).reshape(b, n * nl)
   i = jnp.moveaxis(i, 0, 1).reshape(b, n * nl)
   top_v, pos = _top_k(v, num_top)
-  top_i = jnp.take_along_axis(i, pos, axis=1)
-  return BankStats(lse_own, top_v, jnp.where(jnp.isfinite(top_v), top_i, -1))
+  top_i = jnp.where(jnp.isfinite(top_v), jnp.take_along_axis(i, pos, 1), -1)
+  if complete:
+    return top_v, top_i, jnp.zeros((), bool)
+  # A shard whose last candidate was finite may hold more; they are no
+  # larger than it, so they matter only if it reaches the N-th kept value
+  # (-inf when fewer than N were found). NaN rows are NaN either way.
+  unsure = jnp.isfinite(last) & (last >= top_v[:, -1:])
+  redo = lax.pmax(jnp.any(unsure).astype(jnp.int32), axis_name) > 0
+  return top_v, top_i, redo
 
 
 def map_row_chunks(fn, xs, rows: int):
@@ -552,6 +600,101 @@ def map_row_chunks(fn, xs, rows: int):
   return out
 
 
+# Slots per (device, owner) pair in a routed row exchange, as a multiple of
+# the mean ``E / n`` of ``E`` requested rows: a pair that asks for more takes
+# more rounds (exact either way, slower).
+ROUTE_CAPACITY = 2.0
+
+
+def _route(table, idx, axis_name, capacity):
+  """``table[idx]`` for global indices ``idx`` ``[E]`` into a sharded table.
+
+  Each index is sent to the device owning its row (an ``all_to_all`` of
+  ``[n, C]`` local indices, ``C = ceil(capacity * E / n)`` slots per owner),
+  the owner gathers its rows and sends them back the same way. A device
+  that asks one owner for more than ``C`` rows gets the rest in further
+  rounds, as many as the most loaded pair of the mesh needs, so the result
+  is exact for any layout. Per device: ``n * C ~ capacity * E`` rows each
+  way per round, whatever ``n`` is. Index ``-1`` gives a zero row.
+  """
+  k_local = table.shape[0]
+  n = lax.axis_size(axis_name)
+  e = idx.shape[0]
+  owner = jnp.where(idx >= 0, idx // k_local, n)  # n: no row (sorts last)
+  local = idx - owner * k_local
+  order = jnp.argsort(owner, stable=True)
+  counts = jnp.zeros((n + 1,), jnp.int32).at[owner].add(1)[:n]
+  starts = jnp.cumsum(counts) - counts
+  # Rank of each index among those its device sends to the same owner.
+  rank_sorted = jnp.arange(e) - jnp.concatenate([starts, jnp.full(
+      (1,), e, jnp.int32)])[owner[order]]
+  rank = jnp.zeros((e,), jnp.int32).at[order].set(rank_sorted)
+  local_sorted = local[order]
+  c = max(1, min(e, math.ceil(capacity * e / n)))
+  slots = jnp.arange(c)
+  trail = (1,) * (table.ndim - 1)  # broadcasts a per-row mask over a row
+  rounds = -(-lax.pmax(jnp.max(counts), axis_name) // c)
+
+  def one_round(t, rows):
+    first = t * c
+    used = first + slots[None, :] < counts[:, None]  # [n, C]
+    send = jnp.where(used, local_sorted[jnp.clip(
+        starts[:, None] + first + slots[None, :], 0, e - 1)], -1)
+    asked = lax.all_to_all(send, axis_name, 0, 0)  # [n, C] from each device
+    got = jnp.where((asked >= 0).reshape(asked.shape + trail),
+                    table[jnp.clip(asked, 0, k_local - 1)], 0)
+    back = lax.all_to_all(got, axis_name, 0, 0)  # [n, C, ...] my rows
+    slot = rank - first
+    mine = (owner < n) & (slot >= 0) & (slot < c)
+    row = back[jnp.clip(owner, 0, n - 1), jnp.clip(slot, 0, c - 1)]
+    return jnp.where(mine.reshape((e,) + trail), row, rows)
+
+  rows = jnp.zeros((e,) + table.shape[1:], table.dtype)
+  rows = _varying_like(rows, table, idx)
+  return lax.fori_loop(0, rounds, one_round, rows)
+
+
+def take_rows(
+    table: jax.Array,
+    indices: jax.Array,
+    *,
+    axis_name: str | None = None,
+    capacity: float | None = None,
+) -> jax.Array:
+  """Rows of a (sharded) table at global indices: ``out[...] = table[i[...]]``.
+
+  With ``axis_name`` (inside ``jax.shard_map``) ``table`` is this device's
+  ``[K / n, ...]`` shard of a ``[K, ...]`` table and ``indices`` are global;
+  each index is routed to the device that owns its row and the row comes
+  back, so a device exchanges about ``capacity * indices.size`` rows per
+  round whatever the number of devices (see `ROUTE_CAPACITY`), never the
+  whole table nor every device's requests. All devices must call it with
+  the same ``indices`` shape. Index ``-1`` gives a row of zeros. No
+  gradient (selection statistics, queue rows).
+
+  Args:
+    table: ``[K, ...]`` (``[K / n, ...]`` local shard when sharded).
+    indices: int array of any shape, global indices in ``[-1, K)``.
+    axis_name: mesh axis of the table shards, or None.
+    capacity: slots per owner as a multiple of ``indices.size / n`` (None:
+      `ROUTE_CAPACITY`). Uneven requests take extra rounds.
+
+  Returns:
+    ``indices.shape + table.shape[1:]`` rows, in ``table``'s dtype.
+  """
+  table = lax.stop_gradient(jnp.asarray(table))
+  idx = jnp.asarray(indices, jnp.int32)
+  flat = idx.reshape(-1)
+  if axis_name is None or flat.size == 0:
+    k = table.shape[0]
+    rows = jnp.where((flat >= 0).reshape((-1,) + (1,) * (table.ndim - 1)),
+                     table[jnp.clip(flat, 0, k - 1)], 0)
+  else:
+    rows = _route(table, flat, axis_name,
+                  ROUTE_CAPACITY if capacity is None else float(capacity))
+  return rows.reshape(idx.shape + table.shape[1:])
+
+
 def gather_rows(
     negatives: jax.Array,
     indices: jax.Array,
@@ -561,12 +704,12 @@ def gather_rows(
 ) -> jax.Array:
   """Weighted sums of bank rows: ``out[b, m] = sum_p w[b, m, p] n[i[b, m, p]]``.
 
-  The bank may be sharded: each device contributes the rows it owns for
-  every device's queries and the partial sums are reduce-scattered to their
-  owners, a few local query rows at a time, so besides the ``[B, M, D]``
-  output a device holds about ``GATHER_CHUNK_FLOATS`` gathered floats (at
-  least one query row of every device), never the whole bank.
-  Index ``-1`` contributes nothing.
+  The bank may be sharded: the rows are fetched from their owners with
+  `take_rows` (routed, so a device handles about ``ROUTE_CAPACITY * B * M *
+  P`` rows whatever the number of devices), a few local query rows at a
+  time: besides the ``[B, M, D]`` output a device holds about
+  ``GATHER_CHUNK_FLOATS`` gathered floats. Index ``-1`` contributes nothing.
+  No gradient.
 
   Args:
     negatives: ``[K, D]`` bank (``[K / n, D]`` local shard when sharded).
@@ -577,24 +720,13 @@ def gather_rows(
   Returns:
     ``[B, M, D]`` float32 weighted sums.
   """
-  k_local, dim = negatives.shape
   bank = jnp.asarray(negatives, jnp.float32)
-  n = 1 if axis_name is None else lax.axis_size(axis_name)
-  first = 0 if axis_name is None else lax.axis_index(axis_name) * k_local
 
   def chunk(idx_w):
     idx, w = idx_w  # [c, M, P]: c local query rows
-    if axis_name is not None:  # Every device's rows c: [n * c, M, P].
-      idx = lax.all_gather(idx, axis_name, tiled=True)
-      w = lax.all_gather(w, axis_name, tiled=True)
-    idx = idx - first
-    owned = (idx >= 0) & (idx < k_local)
-    rows = bank[jnp.clip(idx, 0, k_local - 1)]  # [n * c, M, P, D]
-    out = jnp.sum(rows * jnp.where(owned, w, 0.0)[..., None], axis=2)
-    if axis_name is not None:
-      out = lax.psum_scatter(out, axis_name, scatter_dimension=0, tiled=True)
-    return out
+    rows = take_rows(bank, idx, axis_name=axis_name)  # [c, M, P, D]
+    return jnp.sum(rows * jnp.where(idx >= 0, w, 0.0)[..., None], axis=2)
 
   _, m, p = indices.shape
-  rows = GATHER_CHUNK_FLOATS // max(1, n * m * p * dim)
+  rows = GATHER_CHUNK_FLOATS // max(1, m * p * bank.shape[1])
   return map_row_chunks(chunk, (indices, weights), rows)

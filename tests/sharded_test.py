@@ -6,6 +6,7 @@ and gradients are compared with the same function called on the whole,
 unsharded arrays.
 """
 
+import re
 from unittest import mock
 
 from absl.testing import absltest
@@ -358,6 +359,115 @@ class ShardedQueueTest(parameterized.TestCase):
           np.zeros(8, np.int32))
     with self.assertRaisesRegex(ValueError, "axis_name='model' is not an axis"):
       queue_lib.make_enqueue(mesh, 'model')
+
+
+class RoutedRowsTest(parameterized.TestCase):
+  """`bank.take_rows`: each row comes from its owner, exact for any layout."""
+
+  @parameterized.product(n=(1, 8), layout=('random', 'one_owner', 'own'),
+                         capacity=(None, 0.01))
+  def test_take_rows_equals_numpy(self, n, layout, capacity):
+    # 'one_owner': every device asks shard 0 only, so one pair needs 8x
+    # the mean; capacity 0.01 gives one slot per owner: many rounds.
+    rng = np.random.default_rng(40)
+    k, g, m = 32, 16, 5
+    table = rng.normal(size=(k, 3)).astype(np.float32)
+    labels = rng.integers(0, 9, k).astype(np.int32)
+    idx = rng.integers(-1, k, (g, m)).astype(np.int32)
+    if layout == 'one_owner':
+      idx = np.where(idx >= 0, idx % (k // 8), -1)
+    elif layout == 'own':  # each device asks only for rows it holds itself
+      dev = np.arange(g)[:, None] // (g // n)
+      idx = np.where(idx >= 0, dev * (k // n) + idx % (k // n), -1)
+    f = lambda t, l, i: (
+        bank_lib.take_rows(t, i, axis_name='data', capacity=capacity),
+        bank_lib.take_rows(l, i, axis_name='data', capacity=capacity))
+    rows, labs = sharded(f, n, (ROWS,) * 3, (ROWS, ROWS))(table, labels, idx)
+    ok = idx >= 0
+    np.testing.assert_array_equal(
+        rows, np.where(ok[..., None], table[np.maximum(idx, 0)], 0))
+    np.testing.assert_array_equal(labs, np.where(ok, labels[idx], 0))
+    np.testing.assert_array_equal(bank_lib.take_rows(table, idx), rows)
+
+  def test_exchange_does_not_grow_with_devices(self):
+    # Per round a device sends and receives about capacity * E indices and
+    # rows, not n * E: the all_to_all operands stay [n, ceil(2 E / n)].
+    def shapes(n):
+      mesh = parallel.make_mesh(n)
+      f = jax.shard_map(
+          lambda t, i: bank_lib.take_rows(t, i, axis_name='data'), mesh=mesh,
+          in_specs=(ROWS, ROWS), out_specs=ROWS)
+      text = jax.jit(f).lower(jnp.zeros((64, 4)), jnp.zeros(
+          (8 * n, 16), jnp.int32)).as_text()
+      return sorted({re.search(r': \(tensor<([^>]*)>\) ->', line)[1]
+                     for line in text.splitlines() if 'all_to_all' in line})
+    self.assertEqual(shapes(2), ['2x128x4xf32', '2x128xi32'])
+    self.assertEqual(shapes(8), ['8x32x4xf32', '8x32xi32'])
+
+  @parameterized.parameters((7, 5, 4), (20, 2, 1))
+  def test_mochi_with_all_hardest_rows_on_one_shard(self, num_hard, s, s2):
+    # Shard 0 holds the negatives nearest every query: all routed rows come
+    # from one device, in several rounds. (7, 5, 4) fetches the hardest
+    # sets, (20, 2, 1) only the 2 s + s' drawn rows.
+    rng = np.random.default_rng(41)
+    q = testing.unit(rng, 16, 8)
+    bank = testing.unit(rng, 64, 8)
+    bank[:8] = testing.unit(rng, 8, 8) * 0.1 + q.mean(0)
+    bank[:8] /= np.linalg.norm(bank[:8], axis=1, keepdims=True)
+    key = jax.random.key(8)
+    fn = lambda q, b, ax: samplers.mochi(
+        key, q, b, num_hard=num_hard, num_mix=s, num_query_mix=s2,
+        axis_name=ax)
+    ref = fn(q, bank, None)
+    out = sharded(lambda *a: fn(*a, 'data'), 8, (ROWS, ROWS), ROWS)(q, bank)
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+
+
+class ShardedTopKTest(parameterized.TestCase):
+  """The global top-k: few proposals per shard, exact second pass if needed."""
+
+  @parameterized.product(layout=('random', 'one_shard', 'ties'),
+                         masked=(False, True))
+  def test_equals_single_device(self, layout, masked):
+    # 8 shards of 32 rows and 24 wanted: each shard first proposes 18
+    # candidates. 'one_shard' puts every query's 30 nearest rows on shard
+    # 3 (the exact pass must run); 'ties' repeats rows across shards.
+    rng = np.random.default_rng(42)
+    q = testing.unit(rng, 8, 6)
+    bank = testing.unit(rng, 256, 6)
+    if layout == 'one_shard':
+      near = testing.unit(rng, 30, 6) * 0.05 + q.mean(0)
+      bank[96:126] = near / np.linalg.norm(near, axis=1, keepdims=True)
+    elif layout == 'ties':
+      bank[128:] = bank[:128]
+    mask = rng.random((8, 256)) > 0.3 if masked else None
+    self.assertLess(bank_lib._proposals(24, 8), 24)  # pylint: disable=protected-access
+    fn = lambda q, b, m, ax: bank_lib.bank_stats(
+        q, b, scales=(5.0,), num_top=24, negative_mask=m, axis_name=ax,
+        block_size=16)
+    ref = fn(q, bank, mask, None)
+    specs = (ROWS, ROWS, COLS if masked else REP)
+    out = sharded(lambda *a: tuple(fn(*a, 'data')), 8, specs,
+                  (COLS, ROWS, ROWS))(q, bank, mask)
+    np.testing.assert_array_equal(out[2], ref.top_indices)
+    np.testing.assert_allclose(out[1], ref.top_similarities, atol=1e-6)
+    np.testing.assert_allclose(out[0], ref.lse, rtol=1e-6)
+
+  def test_few_candidates_left(self):
+    # Masks leave 3 entries per query, fewer than the 10 asked: -1 / -inf
+    # slots, as on one device.
+    rng = np.random.default_rng(43)
+    q, bank = testing.unit(rng, 8, 6), testing.unit(rng, 256, 6)
+    mask = np.zeros((8, 256), bool)
+    mask[:, [5, 70, 100]] = True
+    fn = lambda q, b, m, ax: bank_lib.bank_stats(
+        q, b, num_top=24, negative_mask=m, axis_name=ax)[1:]
+    ref = fn(q, bank, mask, None)
+    out = sharded(lambda *a: tuple(fn(*a, 'data')), 8, (ROWS, ROWS, COLS),
+                  (ROWS, ROWS))(q, bank, mask)
+    np.testing.assert_array_equal(out[1], ref[1])
+    np.testing.assert_allclose(out[0], ref[0], atol=1e-6)
+    self.assertTrue(np.all(ref[1][:, 3:] == -1))
 
 
 class GatherTest(parameterized.TestCase):

@@ -26,10 +26,12 @@ from hnjax import bank as bank_lib
 from hnjax import numerics
 
 
-def _share(indices, labels, query_labels):
+def _share(indices, labels, query_labels, axis_name):
   """Fraction of the selected rows (index >= 0) with the query's label;
-  ``labels`` are the whole bank's (global indices)."""
-  found = jnp.take(labels, jnp.clip(indices, 0, labels.shape[0] - 1))
+  ``labels`` is the local bank shard's (``indices`` are global)."""
+  # Each label comes from the device that owns its row (routed, so the
+  # traffic does not grow with the number of devices).
+  found = bank_lib.take_rows(labels, indices, axis_name=axis_name)
   valid = indices >= 0  # -1: fewer candidates than asked
   same = valid & (found >= 0) & (found == query_labels[:, None])
   num = jnp.sum(valid, axis=1)
@@ -95,17 +97,15 @@ def hardness_diagnostics(
         f', got {negative_labels.shape}')
   common = dict(negative_mask=negative_mask, axis_name=axis_name,
                 block_size=block_size)
-  if axis_name is not None:  # K int32: small next to the bank itself
-    negative_labels = lax.all_gather(negative_labels, axis_name, tiled=True)
   hardest = bank_lib.bank_stats(q, negatives, num_top=num_hard, **common)
   out = dict(false_negative_share=_share(
-      hardest.top_indices, negative_labels, query_labels))
+      hardest.top_indices, negative_labels, query_labels, axis_name))
   if skip_top or max_similarity is not None:
     mixed = bank_lib.bank_stats(q, negatives, num_top=num_hard,
                                 skip_top=skip_top,
                                 max_similarity=max_similarity, **common)
     out['selected_false_negative_share'] = _share(
-        mixed.top_indices, negative_labels, query_labels)
+        mixed.top_indices, negative_labels, query_labels, axis_name)
   above = bank_lib.count_above(q, negatives, jnp.sum(q * k, axis=-1),
                                **common)
   out['positive_rank'] = 1.0 + above.astype(jnp.float32)
