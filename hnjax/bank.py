@@ -47,6 +47,10 @@ DEFAULT_BLOCK_SIZE = 4096
 # whole rows, and with fewer rows per chunk the matmul streams the bank
 # G / rows times.
 ROW_CHUNK_LOGITS = 2**24
+# The exact second pass of a sharded top-k when a shard may hold more
+# candidates than it proposed (rare). benchmarks/queue_scaling.py turns it
+# off to count the work of the usual path alone; never turn it off to train.
+EXACT_SECOND_PASS = True
 # Gathered floats per step of a row-chunked gather (1 MiB: cache-sized;
 # gathering all rows at once measured 4x slower on CPU).
 GATHER_CHUNK_FLOATS = 2**18
@@ -434,7 +438,7 @@ def bank_stats(
     lse = _lse_to_owner(lse, n, axis_name)
     top = _top_to_owner(top_v, top_i, k_local, wanted, n, axis_name,
                         complete=sent == local_top)
-    if sent < local_top:
+    if sent < local_top and EXACT_SECOND_PASS:
       def exact():  # every shard sends all its local_top candidates
         _, _, v, i = _forward(lax.stop_gradient(q), lax.stop_gradient(bank),
                               negative_mask, (), local_top, block, False,
