@@ -127,7 +127,11 @@ def build(arg: str | None, method: str) -> mlc.ConfigDict:
       # Hardness range (a false-negative remedy): never mix the skip_top
       # hardest negatives nor any more similar than max_similarity (>= 1:
       # no ceiling, unit vectors never exceed it).
-      skip_top=0, max_similarity=1.0))
+      skip_top=0, max_similarity=1.0,
+      # 'exact' top-k, or 'approx': jax.lax.approx_max_k at recall_target
+      # (TPU's fast path; CPU/GPU compute it exactly). The recall achieved
+      # is logged per step (selection_recall).
+      selection='exact', recall_target=0.95))
   # Per step, with the labels the queue keeps: the share of the
   # mochi.num_hard hardest negatives that have the query's label (false
   # negatives; with a hardness range also of the mixed ones) and the

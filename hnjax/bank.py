@@ -71,10 +71,17 @@ class BankStats(NamedTuple):
       Stop-gradient.
     top_indices: ``[B, N]`` int32 indices into the (global) bank of those
       entries; ``-1`` where there is none. Ties go to the lower index.
+    recall: with an approximate selection (``recall_target``), the share
+      of the exact top-k that it found, measured on a few queries per call
+      (a float32 scalar, the same on every device); None for the exact one.
   """
   lse: jax.Array
   top_similarities: jax.Array
   top_indices: jax.Array
+  recall: jax.Array | None = None
+
+# Queries per call whose approximate top-k is checked against the exact one.
+RECALL_SAMPLE = 8
 
 
 def safe_log(x: jax.Array) -> jax.Array:
@@ -152,15 +159,25 @@ def _no_top(g):
   return jnp.zeros((g, 0), jnp.float32), jnp.zeros((g, 0), jnp.int32)
 
 
-def _top_k(x, k):
+def _top_k(x, k, approx=None):
   """``lax.top_k`` kept as XLA's TopK: slicing or reshaping its outputs can
-  turn it into a full sort of every row on CPU (5x slower, measured)."""
+  turn it into a full sort of every row on CPU (5x slower, measured).
+
+  ``approx = (recall_target, input_size)``: `jax.lax.approx_max_k` instead
+  (TPU's fast path; other backends compute it exactly).
+  """
+  if approx is not None:
+    target, size = approx
+    v, i = lax.approx_max_k(x, k, recall_target=target,
+                            reduction_input_size_override=size)
+    return v, i
   # One barrier per output: XLA folds a barrier of the whole tuple into the
   # TopK instruction itself, which its TopK decomposer cannot handle.
   return tuple(lax.optimization_barrier(y) for y in lax.top_k(x, k))
 
 
-def _chunk_stats(q, bank, mask, scales, num_top, expectation, ceiling=None):
+def _chunk_stats(q, bank, mask, scales, num_top, expectation, ceiling=None,
+                 approx=None):
   """Statistics of some queries against the whole (local) bank, densely.
 
   Returns lse ``[S, R]`` (None without scales), the softmax expectation of
@@ -189,13 +206,13 @@ def _chunk_stats(q, bank, mask, scales, num_top, expectation, ceiling=None):
     x = _masked(lax.stop_gradient(sims), mask, 0, k)
     if ceiling is not None:
       x = jnp.where(x > ceiling, -jnp.inf, x)
-    top_v, top_i = _top_k(x, num_top)
+    top_v, top_i = _top_k(x, num_top, approx)
     top_v = jnp.where(bad[:, None], jnp.nan, top_v)
   return lse, expect, top_v, top_i.astype(jnp.int32)
 
 
 def _row_chunks(q, bank, mask, scales, num_top, expectation, rows,
-                ceiling=None):
+                ceiling=None, approx=None):
   """`_chunk_stats` over the whole bank, ``rows`` queries at a time.
 
   Memory is ``rows * K`` logits. XLA's top_k costs about ``n + k log k`` per
@@ -205,7 +222,7 @@ def _row_chunks(q, bank, mask, scales, num_top, expectation, rows,
   g = q.shape[0]
   num, rem = divmod(g, rows)
   fn = lambda qc, mc: _chunk_stats(qc, bank, mc, scales, num_top, expectation,
-                                   ceiling)
+                                   ceiling, approx)
   if num <= 1:
     return fn(q, mask)
   split = lambda x: x[:num * rows].reshape((num, rows) + x.shape[1:])
@@ -259,11 +276,13 @@ def _column_stats(q, bank, mask, scales, block, expectation):
   return lse, expect / jnp.where(acc > 0, acc, 1.0)[..., None]
 
 
-def _forward(q, bank, mask, scales, num_top, block, expectation, ceiling):
+def _forward(q, bank, mask, scales, num_top, block, expectation, ceiling,
+             approx=None):
   """lse ``[S, G]``, expectation ``[S, G, D]`` or None, top-k ``[G, N]``."""
   g, k = q.shape[0], bank.shape[0]
   if not block:
-    return _chunk_stats(q, bank, mask, scales, num_top, expectation, ceiling)
+    return _chunk_stats(q, bank, mask, scales, num_top, expectation, ceiling,
+                        approx)
   lse = expect = None
   if scales:
     # Column blocks stay in cache: measured about 2x faster than one pass
@@ -273,29 +292,31 @@ def _forward(q, bank, mask, scales, num_top, block, expectation, ceiling):
   if num_top:
     rows = max(1, min(g, max(g * block, ROW_CHUNK_LOGITS) // k))
     _, _, top_v, top_i = _row_chunks(q, bank, mask, (), num_top, False, rows,
-                                     ceiling)
+                                     ceiling, approx)
   return lse, expect, top_v, top_i
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _stats(q, bank, mask, scales, num_top, block, ceiling):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _stats(q, bank, mask, scales, num_top, block, ceiling, approx):
   lse, _, top_v, top_i = _forward(q, bank, mask, scales, num_top, block,
-                                  expectation=False, ceiling=ceiling)
+                                  expectation=False, ceiling=ceiling,
+                                  approx=approx)
   return lse, top_v, top_i
 
 
-def _stats_fwd(q, bank, mask, scales, num_top, block, ceiling):
+def _stats_fwd(q, bank, mask, scales, num_top, block, ceiling, approx):
   # The forward pass also accumulates each query's softmax expectation of
   # the bank rows, E_s[n] = sum_j p_sj n_j: the query gradient is then
   # sum_s g_s c_s E_s[n], with no second pass over the bank.
   lse, expect, top_v, top_i = _forward(q, bank, mask, scales, num_top, block,
-                                       expectation=True, ceiling=ceiling)
+                                       expectation=True, ceiling=ceiling,
+                                       approx=approx)
   return (lse, top_v, top_i), (q, bank, mask, lse, expect)
 
 
-def _stats_bwd(scales, num_top, block, ceiling, res, cts):
+def _stats_bwd(scales, num_top, block, ceiling, approx, res, cts):
   # The top-k outputs are selection statistics: no gradient.
-  del num_top, ceiling
+  del num_top, ceiling, approx
   q, bank, mask, lse, expect = res
   if lse is None:
     return jnp.zeros_like(q), jnp.zeros_like(bank), None
@@ -358,6 +379,7 @@ def bank_stats(
     block_size: int | None = None,
     skip_top: int = 0,
     max_similarity: float | None = None,
+    recall_target: float | None = None,
 ) -> BankStats:
   """Log-sum-exps and hardest entries of a bank for each query.
 
@@ -377,7 +399,10 @@ def bank_stats(
   ``(S + 1) * G * block_size`` for the log-sum-exp and, with ``num_top``,
   ``(S + 1) * max(G * block_size, 2**24)`` for top-k row chunks (top-k needs
   whole rows), plus ``S * G * D`` softmax expectations kept for the backward
-  pass and ``2 * G * N`` top-k candidates. Never ``G * K``.
+  pass and ``2 * G * T`` top-k candidates, where sharded ``T`` is about
+  ``N / n + 6 sqrt(N / n) + 4`` proposals per shard (a second pass with
+  ``T = N`` runs when a shard may have held back one of a query's top
+  ``N``). Never ``G * K``.
 
   Args:
     query: ``[B, D]`` queries (local rows when sharded).
@@ -397,10 +422,14 @@ def bank_stats(
     max_similarity: ``c``: entries more similar than ``c`` are never in
       the top-k (None: no ceiling). Ranks count from the most similar
       entry at or below ``c``. Neither option touches the log-sum-exp.
+    recall_target: None for the exact top-k; a float in ``(0, 1]`` selects
+      with `jax.lax.approx_max_k` at that recall target (TPU's fast path;
+      CPU and GPU compute it exactly), with no exact second pass, and
+      reports the recall achieved on ``RECALL_SAMPLE`` queries.
 
   Returns:
-    A `BankStats` with ``lse [S, B]``, ``top_similarities [B, N]`` and
-    ``top_indices [B, N]``.
+    A `BankStats` with ``lse [S, B]``, ``top_similarities [B, N]``,
+    ``top_indices [B, N]`` and ``recall``.
   """
   n, g, k_local = check_bank(query, negatives, negative_mask, axis_name)
   num_top = _checks.non_negative_int('num_top', num_top)
@@ -417,6 +446,13 @@ def bank_stats(
     if not math.isfinite(max_similarity):
       raise ValueError(f'max_similarity must be finite or None, got '
                        f'{max_similarity}')
+  approx = None
+  if recall_target is not None:
+    recall_target = float(recall_target)
+    if not 0 < recall_target <= 1:
+      raise ValueError(f'recall_target must be in (0, 1] or None, got '
+                       f'{recall_target}')
+    approx = (recall_target, n * k_local)
   scales = tuple(float(s) for s in scales)
   q = parallel.gather(jnp.asarray(query, jnp.float32), axis_name)
   bank = jnp.asarray(negatives, jnp.float32)
@@ -428,17 +464,23 @@ def bank_stats(
                                                  _proposals(wanted, n))
   block = _resolve_block_size(block_size, g, k_local)
   lse, top_v, top_i = _stats(q, bank, negative_mask, scales, sent, block,
-                             max_similarity)
+                             max_similarity, approx)
   if lse is None:
     lse = jnp.zeros((0, g), jnp.float32)
+  recall = None
+  if approx is not None and sent:
+    recall = _recall(q, bank, negative_mask, sent, max_similarity, top_v,
+                     top_i, axis_name)
   if axis_name is None:
     top_v = lax.stop_gradient(top_v)
-    stats = BankStats(lse, top_v, jnp.where(jnp.isfinite(top_v), top_i, -1))
+    stats = BankStats(lse, top_v, jnp.where(jnp.isfinite(top_v), top_i, -1),
+                      recall)
   else:
     lse = _lse_to_owner(lse, n, axis_name)
     top = _top_to_owner(top_v, top_i, k_local, wanted, n, axis_name,
                         complete=sent == local_top)
-    if sent < local_top and EXACT_SECOND_PASS:
+    # (An approximate selection is not exact to begin with: no second pass.)
+    if sent < local_top and EXACT_SECOND_PASS and approx is None:
       def exact():  # every shard sends all its local_top candidates
         _, _, v, i = _forward(lax.stop_gradient(q), lax.stop_gradient(bank),
                               negative_mask, (), local_top, block, False,
@@ -446,11 +488,30 @@ def bank_stats(
         return _top_to_owner(v, i, k_local, wanted, n, axis_name,
                              complete=True)[:2]
       top = lax.cond(top[2], exact, lambda: top[:2])
-    stats = BankStats(lse, *top[:2])
+    stats = BankStats(lse, *top[:2], recall)
   if not skip_top:
     return stats
   return BankStats(stats.lse, stats.top_similarities[:, skip_top:],
-                   stats.top_indices[:, skip_top:])
+                   stats.top_indices[:, skip_top:], recall)
+
+
+def _recall(q, bank, mask, k, ceiling, top_v, top_i, axis_name):
+  """Share of the exact local top-k the approximate one found, on a sample.
+
+  ``RECALL_SAMPLE`` queries spread over the global batch, against this
+  device's bank shard (the only approximate step), averaged over devices.
+  """
+  g = q.shape[0]
+  rows = jnp.arange(min(RECALL_SAMPLE, g)) * (g // min(RECALL_SAMPLE, g))
+  q, top_v, top_i = (lax.stop_gradient(x[rows]) for x in (q, top_v, top_i))
+  mask = None if mask is None else mask[rows]
+  _, _, ev, ei = _chunk_stats(q, lax.stop_gradient(bank), mask, (), k,
+                              False, ceiling)
+  exact = jnp.isfinite(ev)
+  found = jnp.any((ei[:, :, None] == top_i[:, None, :])
+                  & jnp.isfinite(top_v)[:, None, :], axis=-1)
+  recall = jnp.sum(found & exact) / jnp.maximum(jnp.sum(exact), 1)
+  return recall if axis_name is None else lax.pmean(recall, axis_name)
 
 
 def count_above(

@@ -470,6 +470,46 @@ class ShardedTopKTest(parameterized.TestCase):
     self.assertTrue(np.all(ref[1][:, 3:] == -1))
 
 
+class ApproximateSelectionTest(parameterized.TestCase):
+  """``recall_target``: `jax.lax.approx_max_k`, and the recall it reached."""
+
+  def _stats(self, n, recall_target):
+    rng = np.random.default_rng(44)
+    q, bank = testing.unit(rng, 16, 6), testing.unit(rng, 256, 6)
+    fn = lambda q, b, ax: bank_lib.bank_stats(
+        q, b, num_top=12, axis_name=ax, recall_target=recall_target)
+    ref = fn(q, bank, None)
+    out = sharded(lambda *a: fn(*a, 'data')[1:], n, (ROWS, ROWS),
+                  (ROWS, ROWS, REP))(q, bank)
+    return ref, out
+
+  @parameterized.parameters(1, 8)
+  def test_cpu_computes_it_exactly(self, n):
+    ref, out = self._stats(n, None)
+    approx_ref, approx_out = self._stats(n, 0.9)
+    self.assertIsNone(ref.recall)
+    np.testing.assert_array_equal(approx_ref.top_indices, ref.top_indices)
+    np.testing.assert_array_equal(approx_out[1], out[1])
+    self.assertEqual(float(approx_ref.recall), 1.0)
+    self.assertEqual(float(approx_out[2]), 1.0)
+
+  def test_recall_counts_what_was_missed(self):
+    # An "approximate" top-k that always misses each row's best entry:
+    # it finds k - 1 of the exact k on every sampled query.
+    def miss_best(x, k, **unused):
+      v, i = jax.lax.top_k(x, k + 1)
+      return v[..., 1:], i[..., 1:]
+
+    with mock.patch.object(bank_lib.lax, 'approx_max_k', miss_best):
+      stats, _ = self._stats(1, 0.9)
+    self.assertAlmostEqual(float(stats.recall), 11 / 12, places=6)
+
+  def test_bad_recall_target(self):
+    with self.assertRaisesRegex(ValueError, 'recall_target must be in'):
+      bank_lib.bank_stats(jnp.ones((2, 3)), jnp.ones((4, 3)), num_top=1,
+                          recall_target=1.5)
+
+
 class GatherTest(parameterized.TestCase):
 
   @parameterized.parameters('all', 'local', 'none')

@@ -103,6 +103,8 @@ class BadConfigTest(parameterized.TestCase):
       ('batch_devices', {'batch_size': 100}, 'batch_size=100'),
       ('queue_small', {'queue.size': 128}, 'queue.size=128'),
       ('momentum', {'momentum': 1.0}, 'momentum=1.0'),
+      ('selection', {'mochi.selection': 'fast'}, "mochi.selection='fast'"),
+      ('recall', {'mochi.recall_target': 0.0}, 'mochi.recall_target=0.0'),
   )
   def test_validate_names_field_and_value(self, overrides, expected):
     config = mochi_config.get_config()
@@ -211,6 +213,7 @@ class InProcessTest(absltest.TestCase):
     config.eval.final = "knn"
     config.eval.every_steps = 0
     config.eval.baselines = config.eval.geometry = True
+    config.mochi.selection = 'approx'  # approx_max_k: exact on CPU
     summary = moco.train_and_evaluate(config, workdir)
     self.assertEqual(summary['step'], 8)
     # What training must beat, and Wang & Isola's geometry of the views.
@@ -235,6 +238,8 @@ class InProcessTest(absltest.TestCase):
       self.assertIn(key, losses[-1])
       self.assertTrue(np.isfinite(losses[-1][key]))
     self.assertEqual(losses[-1]['mochi'], 1.0)
+    # CPU computes approx_max_k exactly: the measured recall says so.
+    self.assertEqual(losses[-1]['selection_recall'], 1.0)
     # The hardness diagnostics: shares in [0, 1], a rank among 1 + K.
     for key in ('false_neg_share', 'mixed_false_neg_share'):
       self.assertBetween(losses[-1][key], 0.0, 1.0)

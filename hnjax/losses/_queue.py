@@ -128,6 +128,7 @@ def mochi_info_nce(
     block_size: int | None = None,
     skip_top: int = 0,
     max_similarity: float | None = None,
+    recall_target: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """MoCHi's loss in one pass over the bank (MoCo v2 when ``num_hard=0``).
 
@@ -155,12 +156,16 @@ def mochi_info_nce(
       costs a second pass over the bank for the selection; the loss keeps
       every real negative.
     max_similarity: never mix negatives with ``q · n > c`` (None: none).
+    recall_target: None: exact hardest negatives; a float in ``(0, 1]``:
+      approximate ones (`jax.lax.approx_max_k`, fast on TPU; see
+      `hnjax.bank.bank_stats`).
 
   Returns:
     ``(loss, aux)``: ``[B]`` float32 losses and a dict of ``[B]`` arrays:
     ``hardest_similarity`` (``q·n`` of the hardest bank negative) and
     ``positive_first`` (the positive's logit beats every negative,
-    synthetic ones included: the MoCHi paper's proxy-task accuracy).
+    synthetic ones included: the MoCHi paper's proxy-task accuracy); with
+    ``recall_target`` also ``selection_recall``, the recall achieved.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -182,7 +187,7 @@ def mochi_info_nce(
   stats = bank_lib.bank_stats(
       q, negatives, scales=(1.0 / t,), num_top=max(num_hard, 1),
       negative_mask=negative_mask, axis_name=axis_name,
-      block_size=block_size)
+      block_size=block_size, recall_target=recall_target)
   l_pos = jnp.sum(q * k, axis=-1) / t
   terms = [l_pos, stats.lse[0]]
   best_neg = stats.top_similarities[:, 0] / t
@@ -193,7 +198,7 @@ def mochi_info_nce(
           lax.stop_gradient(q), lax.stop_gradient(negatives),
           num_top=num_hard, negative_mask=negative_mask, axis_name=axis_name,
           block_size=block_size, skip_top=skip_top,
-          max_similarity=max_similarity)
+          max_similarity=max_similarity, recall_target=recall_target)
     if axis_name is None:
       l_syn = mochi_logits(key, q, negatives, mixed.top_indices,
                            mixed.top_similarities, num_mix=num_mix,
@@ -209,6 +214,8 @@ def mochi_info_nce(
                             - l_pos)
   aux = dict(hardest_similarity=stats.top_similarities[:, 0],
              positive_first=lax.stop_gradient(l_pos) > best_neg)
+  if stats.recall is not None:
+    aux['selection_recall'] = jnp.broadcast_to(stats.recall, l_pos.shape)
   return loss, aux
 
 

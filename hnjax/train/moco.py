@@ -90,6 +90,8 @@ class StepConfig:
   block_size: int | None
   augment: data.AugmentConfig
   key_image: str = 'image'  # the batch field view k is augmented from
+  # None: exact hardest negatives; a float: approximate (approx_max_k).
+  recall_target: float | None = None
   # The false-negative share of the N hardest negatives and the positive's
   # rank, per step: N (0: off).
   diagnostics: int = 0
@@ -142,6 +144,10 @@ def validate(config: mlc.ConfigDict, num_devices: int) -> None:
     checks.require(-1 <= config.mochi.max_similarity, 'mochi.max_similarity',
                    config.mochi.max_similarity,
                    'must be >= -1 (>= 1: no ceiling)')
+    checks.one_of(config, 'mochi.selection', ('exact', 'approx'))
+    checks.require(0 < config.mochi.recall_target <= 1,
+                   'mochi.recall_target', config.mochi.recall_target,
+                   'must be in (0, 1]')
   aug = config.augment
   checks.require(0 < aug.scale_min <= 1, 'augment.scale_min', aug.scale_min,
                  'must be in (0, 1]')
@@ -182,6 +188,9 @@ def _step_config(config, info) -> StepConfig:
       mask_same_id=config.queue.mask_same_id, shuffle_bn=config.shuffle_bn,
       block_size=None if block < 0 else block, augment=augment,
       key_image=config.data.get('key_image', 'image'),
+      recall_target=(float(config.mochi.recall_target)
+                     if config.mochi.get('selection', 'exact') == 'approx'
+                     else None),
       diagnostics=(config.mochi.num_hard
                    if config.get('hardness_diagnostics', False) else 0))
 
@@ -211,7 +220,8 @@ def _contrastive_body(q, k, queue_keys, queue_ids, queue_labels, ids, labels,
       num_hard=cfg.num_hard if use_mochi else 0, num_mix=cfg.num_mix,
       num_query_mix=cfg.num_query_mix, negative_mask=mask, axis_name=DATA,
       block_size=cfg.block_size, skip_top=cfg.skip_top,
-      max_similarity=cfg.max_similarity)
+      max_similarity=cfg.max_similarity,
+      recall_target=cfg.recall_target if use_mochi else None)
   # Mean negative logit over the whole queue: q . mean(queue) / T.
   n_keys = queue_keys.shape[0] * lax.axis_size(DATA)
   queue_mean = lax.psum(jnp.sum(queue_keys, 0), DATA) / n_keys
@@ -220,6 +230,8 @@ def _contrastive_body(q, k, queue_keys, queue_ids, queue_labels, ids, labels,
       neg_logit=lax.stop_gradient(q @ queue_mean) / t,
       hard_neg_sim=aux['hardest_similarity'],
       proxy_acc=aux['positive_first'].astype(jnp.float32))
+  if 'selection_recall' in aux:  # approximate hardest negatives
+    metrics['selection_recall'] = aux['selection_recall']
   if cfg.diagnostics:  # the same N hardest for MoCo v2 and MoCHi
     ranged = use_mochi and (cfg.skip_top or cfg.max_similarity is not None)
     diag = samplers.hardness_diagnostics(
