@@ -17,12 +17,12 @@ time measures total work, not parallel speed-up.
 (every query still meets all K keys) and the same step is compiled for n =
 1, 2, 4, 8 fake devices (each in a fresh process) and, compile only, for
 ``--extra`` larger meshes up to a 256-device pod. Per device it reports
-XLA's cost analysis of the compiled program (FLOPs, bytes accessed) of the per-device
-HLO before backend passes (backend-independent: no fusion, so bytes are an
-upper bound) and of the CPU-compiled program, temporaries, and the bytes
-every collective of one step moves (summed from
-the compiled HLO: all-gather, all-to-all, reduce-scatter, all-reduce; a loop
-body counted once per round). Work is counted on the usual path: the exact
+XLA's cost analysis (FLOPs, bytes accessed) of the per-device HLO before
+backend passes (backend-independent; unfused, so bytes are an upper bound)
+and of the CPU-compiled program, temporaries, and the bytes every
+collective of one step moves (summed from the compiled HLO: all-gather,
+all-to-all, reduce-scatter, all-reduce; a loop body counted once, i.e. per
+round). Work is counted on the usual path: the exact
 second pass of the global top-k (which runs only when one shard holds more
 of a query's hardest negatives than it proposed; its expected frequency on
 a randomly spread queue is printed) is compiled out for the count

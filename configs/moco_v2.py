@@ -10,6 +10,9 @@ Presets after the colon, comma separated:
 
   data=shapes|digits|cifar10|cifar100|imagenet100|imagenet
   model=convnet|resnet18_cifar|resnet50_cifar|resnet50|...
+  dtype=float32|bfloat16  compute dtype (default: bfloat16 for the
+             accelerator datasets cifar10, cifar100, imagenet100,
+             imagenet; float32 for shapes and digits, run on CPUs)
   smoke      a tiny run (under a minute on one CPU) that still writes
              several checkpoints, for tests and for trying things out.
 
@@ -57,22 +60,26 @@ _DATA = {
         mochi=(64, 64, 32), mochi_warmup_epochs=5, probe_epochs=50),
     'cifar10': dict(
         name='cifar10', image_size=32, backbone='resnet18_cifar',
+        dtype='bfloat16',
         batch_size=512, num_epochs=200, queue_size=4096, temperature=0.1,
         momentum=0.99, learning_rate=0.06, weight_decay=5e-4, blur_prob=0.0,
         mochi=(512, 512, 128), mochi_warmup_epochs=10, probe_epochs=100),
     'cifar100': dict(
         name='cifar100', image_size=32, backbone='resnet18_cifar',
+        dtype='bfloat16',
         batch_size=512, num_epochs=200, queue_size=4096, temperature=0.1,
         momentum=0.99, learning_rate=0.06, weight_decay=5e-4, blur_prob=0.0,
         mochi=(512, 512, 128), mochi_warmup_epochs=10, probe_epochs=100),
     'imagenet100': dict(
         name='imagenet100', image_size=224, backbone='resnet50',
+        dtype='bfloat16',
         batch_size=128, num_epochs=200, queue_size=16384, temperature=0.2,
         momentum=0.999, learning_rate=0.03, weight_decay=1e-4, blur_prob=0.5,
         mochi=(1024, 1024, 128), mochi_warmup_epochs=10, probe_epochs=100,
         diagnostics=False),
     'imagenet': dict(
         name='imagenet2012', image_size=224, backbone='resnet50',
+        dtype='bfloat16',
         batch_size=256, num_epochs=200, queue_size=65536, temperature=0.2,
         momentum=0.999, learning_rate=0.03, weight_decay=1e-4, blur_prob=0.5,
         mochi=(1024, 512, 256), mochi_warmup_epochs=10, probe_epochs=100,
@@ -88,7 +95,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 def build(arg: str | None, method: str) -> mlc.ConfigDict:
   """Shared by moco_v2.py and mochi.py (they differ in ``method``)."""
   arg = common.parse_arg(arg, data='shapes', model='', smoke=False,
-                         hardness_range=False)
+                         hardness_range=False, dtype='')
   if arg.data not in _DATA:
     raise ValueError(f'unknown data preset {arg.data!r}; known: '
                      f'{", ".join(_DATA)}')
@@ -113,7 +120,9 @@ def build(arg: str | None, method: str) -> mlc.ConfigDict:
       backbone=arg.model or d['backbone'], head='mlp', dim=128,
       hidden=0,  # 0: the backbone's feature width, as MoCo v2
       bn_splits=8,  # BN statistics per group of B/8: shuffle-BN emulation
-      dtype='float32'))
+      # Compute dtype: 'bfloat16' (the accelerator presets) keeps float32
+      # parameters, optimizer state, BN statistics and logits.
+      dtype=arg.dtype or d.get('dtype', 'float32')))
 
   c.queue = mlc.ConfigDict(dict(
       size=d['queue_size'],

@@ -115,6 +115,7 @@ def validate(config: mlc.ConfigDict, num_devices: int) -> None:
   checks.require(config.data.name in data.DATASETS, 'data.name',
                  config.data.name, f'unknown dataset; known: {data.DATASETS}')
   checks.one_of(config, 'eval.features', ('backbone', 'projection'))
+  checks.one_of(config, 'model.dtype', ('float32', 'bfloat16'))
   for field in ('eval.during', 'eval.final'):
     try:
       evaluators.parse(checks.get(config, field))
