@@ -19,8 +19,8 @@ Presets after the colon, comma separated:
 Expected results:
   data=shapes   convnet, 12 epochs, batch 256, K=2048, T=0.1, key view from
                 alt_image (the same shape over another background): MoCHi
-                kNN top-1 0.4845 (shape 0.49, colour 0.999) and linear probe
-                0.481 in under 4 minutes on a 2-core x86-64 CPU VM; the
+                kNN top-1 0.4875 (shape 0.49, colour 0.999) and linear probe
+                0.471 in under 4 minutes on a 2-core x86-64 CPU VM; the
                 untrained encoder 0.2225 / 0.252, raw pixels 0.2565 / 0.3055,
                 chance 0.05 (README, "Results"). MoCo v2 against MoCHi over 5
                 seeds: `launch/mochi_study.py`.
