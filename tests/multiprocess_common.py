@@ -12,7 +12,9 @@ from hnjax import losses
 from hnjax import queue as queue_lib
 from hnjax import samplers
 
-G, K, D = 16, 64, 8
+# K / 8 = 32 rows per device and N = 24: each shard first proposes 18
+# candidates per query (bank._proposals), the mixed rows are routed.
+G, K, D = 16, 256, 8
 
 
 def make_data():
@@ -32,7 +34,7 @@ def queue_template(mesh):
 def _loss_body(q, k, ids, qkeys, qids):
   mask = samplers.same_id_mask(jax.lax.all_gather(ids, 'data', tiled=True),
                                qids)
-  h = samplers.mochi(jax.random.key(1), q, qkeys, num_hard=5, num_mix=4,
+  h = samplers.mochi(jax.random.key(1), q, qkeys, num_hard=24, num_mix=4,
                      num_query_mix=2, negative_mask=mask, axis_name='data')
   return losses.info_nce(q, k, qkeys, temperature=0.2, negative_mask=mask,
                          extra_negatives=h, axis_name='data')
