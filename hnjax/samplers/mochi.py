@@ -55,9 +55,12 @@ def mochi(
   so results do not depend on how the batch is split over devices. Only the
   ``2 * num_mix + num_query_mix`` bank rows that are mixed are gathered per
   query, never the ``[B, N, D]`` hardest set. With ``axis_name`` the hardest
-  set is selected over the whole sharded bank and the gathered rows are
-  reduce-scattered to the query's device; peak memory per device is that of
-  `hardest_negatives` plus ``G * (num_mix + num_query_mix) * D`` floats.
+  set is selected over the whole sharded bank and each device fetches the
+  rows its own queries mix from the devices that hold them
+  (`hnjax.bank.take_rows`), so its work and traffic do not grow with the
+  number of devices; peak memory per device is that of `hardest_negatives`
+  plus ``B * (num_mix + num_query_mix) * D`` floats and a few MiB of
+  fetched rows.
 
   A query with fewer than ``N`` unmasked negatives mixes only those it has;
   one with none (a fully masked row) gets all-zero vectors, which add
