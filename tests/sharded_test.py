@@ -326,16 +326,16 @@ class ShardedQueueTest(parameterized.TestCase):
                for i in range(5)]  # 80 keys into 64 slots: wraps
     ref, q = fresh(), fresh()
     enqueue = jax.jit(queue_lib.enqueue) if jitted else queue_lib.enqueue
+    make_enqueue = queue_lib.make_enqueue(mesh)  # one compilation
     for step, (keys, ids) in enumerate(batches):
-      ref = queue_lib.make_enqueue(mesh)(ref, keys, ids, ids % 3)
+      ref = make_enqueue(ref, keys, ids, ids % 3)
       # Sharded and replicated inputs alike; both APIs mixed on one queue.
       keys_in = jax.device_put(keys, rows) if step % 2 else keys
       q = enqueue(q, keys_in, ids, ids % 3)
       if step == 2:
-        q = queue_lib.make_enqueue(mesh)(q, *batches[3][:1], batches[3][1],
-                                         batches[3][1] % 3)
-        ref = queue_lib.make_enqueue(mesh)(ref, *batches[3][:1],
-                                           batches[3][1], batches[3][1] % 3)
+        q = make_enqueue(q, *batches[3][:1], batches[3][1], batches[3][1] % 3)
+        ref = make_enqueue(ref, *batches[3][:1], batches[3][1],
+                           batches[3][1] % 3)
     for got, want in zip(jax.tree.leaves(q), jax.tree.leaves(ref)):
       np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(np.sort(np.asarray(q.ids)),
