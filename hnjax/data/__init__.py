@@ -14,6 +14,8 @@
 * ``open_paired``: image-caption pairs tokenised on the host (CLIP-mixup:
   shapes32's captions, COCO, Flickr30k); see ``paired``, ``real_captions``,
   ``text`` and ``subword``.
+* ``batching``: epochs of near-neighbour batches (Sample4Geo, NGAME,
+  TAS-B) for harder in-batch negatives.
 """
 
 from hnjax.data.augment import augment_batch
