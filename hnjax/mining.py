@@ -125,7 +125,8 @@ def mine_hard_negatives(
   Returns:
     ``(indices, scores)``: ``[Q, num_negatives]`` int32 global corpus
     indices in descending score (``-1`` where fewer candidates survive) and
-    their float32 scores (``-inf`` there).
+    their float32 scores (``-inf`` there). A query whose scores touch a
+    non-finite query or corpus entry gets ``-1`` and NaN throughout.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -204,28 +205,33 @@ def mine_hard_negatives(
 
     def scores(start, size):
       s = qc @ lax.dynamic_slice_in_dim(corpus, start, size).T  # [R, size]
+      bad = jnp.any(~jnp.isfinite(s), axis=1)  # a NaN/inf query or row
       cols = first + start + jnp.arange(size, dtype=jnp.int32)
       s = jnp.where(cols[None] == pc[:, None], -jnp.inf, s)  # not a positive
-      return s, jnp.broadcast_to(cols, s.shape)
+      return s, jnp.broadcast_to(cols, s.shape), bad
 
     def pass_a(carry, start, size):
-      above, top_v, top_i = carry
-      s, cols = scores(start, size)
+      above, top_v, top_i, bad = carry
+      s, cols, bad_b = scores(start, size)
+      bad = bad | bad_b
       above = above + jnp.sum(s > uc[:, None], axis=1, dtype=jnp.int32)
       cand = jnp.where(s <= uc[:, None], s, -jnp.inf)
       k = min(width, size)
       bv, pos_b = lax.top_k(cand, k)
       bi = jnp.take_along_axis(cols, pos_b, axis=1)
       top_v, top_i = _merge_top(top_v, top_i, bv, bi, width)
-      return above, top_v, top_i
+      return above, top_v, top_i, bad
 
     init = (jnp.zeros((r,), jnp.int32),
             jnp.full((r, width), -jnp.inf, jnp.float32),
-            jnp.full((r, width), -1, jnp.int32))
+            jnp.full((r, width), -1, jnp.int32),
+            jnp.zeros((r,), bool))
     init = bank_lib._varying_like(init, qc, corpus)  # pylint: disable=protected-access
-    above, top_v, top_i = bank_lib._scan_blocks(pass_a, init, c_local, block)  # pylint: disable=protected-access
+    above, top_v, top_i, bad = bank_lib._scan_blocks(  # pylint: disable=protected-access
+        pass_a, init, c_local, block)
     if axis_name is not None:
       above = lax.psum(above, axis_name)
+      bad = lax.pmax(bad.astype(jnp.int32), axis_name) > 0
     top_v, top_i = _gather_lists(top_v, top_i, width, axis_name)
     top_i = jnp.where(jnp.isfinite(top_v), top_i, -1)
     # Positions in the list of candidates at or below u: skip those whose
@@ -251,8 +257,11 @@ def mine_hard_negatives(
     # Descending score; ties (and the -1 slots) stay in index order.
     order = jnp.argsort(-jnp.where(i >= 0, v, -jnp.inf), axis=1,
                         stable=True)
-    return (jnp.take_along_axis(i, order, axis=1),
-            jnp.take_along_axis(v, order, axis=1))
+    i = jnp.take_along_axis(i, order, axis=1)
+    v = jnp.take_along_axis(v, order, axis=1)
+    # A query whose scores met a NaN or inf gets NaN, never a finite list.
+    return (jnp.where(bad[:, None], -1, i),
+            jnp.where(bad[:, None], jnp.nan, v))
 
   def _random_all(qc, pc, uc, rows_c, skip, top_v, top_i):
     """Uniform draw among all survivors (no range_max): a second pass."""

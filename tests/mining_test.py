@@ -132,6 +132,28 @@ class TopTest(parameterized.TestCase):
     self.assertTrue(np.all(idx[:, 4:] == -1))
     self.assertTrue(np.all(np.isneginf(s[:, 4:])))
 
+  @parameterized.product(axis=(None, 'data'), where=('query', 'corpus'))
+  def test_non_finite_rows_are_nan(self, axis, where):
+    # A NaN query is NaN for that query only; an inf corpus row touches
+    # every query's scores (inf or 0 * inf): all NaN, never a plausible
+    # finite list.
+    q, corpus, pos = data(6)
+    if where == 'query':
+      q[2, 0] = np.nan
+    else:
+      corpus[40, 1] = np.inf
+    fn = lambda q, c, p, ax: mining.mine_hard_negatives(
+        q, c, p, num_negatives=3, block_size=5, axis_name=ax)
+    if axis is None:
+      idx, s = fn(q, corpus, pos, None)
+    else:
+      idx, s = sharded(lambda *a: fn(*a, 'data'), 8)(q, corpus, pos)
+    hit = np.zeros(len(q), bool)
+    hit[2 if where == 'query' else slice(None)] = True
+    self.assertTrue(np.all(np.isnan(s[hit])) and np.all(idx[hit] == -1))
+    self.assertTrue(np.all(np.isfinite(s[~hit][:, 0])))
+    self.assertTrue(np.all(idx[~hit][:, 0] >= 0))
+
   def test_errors(self):
     q, corpus, pos = data()
     call = lambda **kw: mining.mine_hard_negatives(q, corpus, pos, **kw)
