@@ -759,39 +759,3 @@ def take_rows(
                   ROUTE_CAPACITY if capacity is None else float(capacity))
   return rows.reshape(idx.shape + table.shape[1:])
 
-
-def gather_rows(
-    negatives: jax.Array,
-    indices: jax.Array,
-    weights: jax.Array,
-    *,
-    axis_name: str | None = None,
-) -> jax.Array:
-  """Weighted sums of bank rows: ``out[b, m] = sum_p w[b, m, p] n[i[b, m, p]]``.
-
-  The bank may be sharded: the rows are fetched from their owners with
-  `take_rows` (routed, so a device handles about ``ROUTE_CAPACITY * B * M *
-  P`` rows whatever the number of devices), a few local query rows at a
-  time: besides the ``[B, M, D]`` output a device holds about
-  ``GATHER_CHUNK_FLOATS`` gathered floats. Index ``-1`` contributes nothing.
-  No gradient.
-
-  Args:
-    negatives: ``[K, D]`` bank (``[K / n, D]`` local shard when sharded).
-    indices: ``[B, M, P]`` int global bank indices.
-    weights: ``[B, M, P]`` float weights.
-    axis_name: mesh axis of the bank shards, or None.
-
-  Returns:
-    ``[B, M, D]`` float32 weighted sums.
-  """
-  bank = jnp.asarray(negatives, jnp.float32)
-
-  def chunk(idx_w):
-    idx, w = idx_w  # [c, M, P]: c local query rows
-    rows = take_rows(bank, idx, axis_name=axis_name)  # [c, M, P, D]
-    return jnp.sum(rows * jnp.where(idx >= 0, w, 0.0)[..., None], axis=2)
-
-  _, m, p = indices.shape
-  rows = GATHER_CHUNK_FLOATS // max(1, m * p * bank.shape[1])
-  return map_row_chunks(chunk, (indices, weights), rows)

@@ -184,9 +184,8 @@ def _mix_parts(key, query, negatives, hardest_indices, *, num_mix,
           key, rows, num_valid, num_mix, num_query_mix)
   if axis_name is None:
     # Gather only the rows that get mixed, never the [B, N, D] hardest set.
-    # One batched gather: through `bank.gather_rows`' row chunks this
-    # measured 10x slower on one device (1.5 s against 0.16 s at B=256,
-    # s=1024, K=65536).
+    # One batched gather: through row chunks this measured 10x slower on
+    # one device (1.5 s against 0.16 s at B=256, s=1024, K=65536).
     idx1 = jnp.take_along_axis(top, pairs.reshape(b, -1), 1).reshape(
         pairs.shape)
     idx2 = jnp.take_along_axis(top, single, 1)
