@@ -93,7 +93,7 @@ def neighbour_order(neighbours: np.ndarray, batch_size: int, *, seed: int,
       list.
 
   Returns:
-    int64 ``[n // B * B]`` ids (fewer when the last batches cannot fill).
+    int64 ``[n // B * B]`` ids.
 
   Examples:
     >>> import numpy as np
@@ -134,10 +134,9 @@ def neighbour_order(neighbours: np.ndarray, batch_size: int, *, seed: int,
     if len(batch) == batch_size:
       order.extend(batch)
       batch = []
-  # Left-over seeds never placed fill the last batches at random.
-  rest = [int(j) for j in rng.permutation(n) if not used[j]]
-  order.extend(batch + rest)
-  return _cut(order, batch_size)
+  # Every id has been placed (each seed starts a group); the last, partial
+  # batch is dropped.
+  return _cut(order + batch, batch_size)
 
 
 def ngame_cluster_size(epoch: int, *, start: int = 1,
