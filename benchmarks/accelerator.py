@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
+from benchmarks import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import moco_v2  # pylint: disable=g-import-not-at-top,wrong-import-position
 from hnjax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from hnjax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -69,21 +70,10 @@ def nominal_peak(kind, dtype):
   return None
 
 
-def time_ms(fn, *args, iters):
-  """Median wall time in ms of ``fn(*args)`` after a compiling call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(times))
-
-
 def matmul_tflops(n, dtype, iters):
   """Measured TFLOP/s of one ``[n, n] @ [n, n]`` matmul on one device."""
   a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
-  ms = time_ms(jax.jit(lambda x: x @ x), a, iters=iters)
+  ms, _ = common.time_ms(jax.jit(lambda x: x @ x), a, iters=iters)
   return 2 * n**3 / (ms / 1e3) / 1e12
 
 
@@ -108,8 +98,8 @@ def negatives(args):
           jax.random.key(0), q, pos, queue, temperature=0.2, num_hard=hard,
           num_mix=s, num_query_mix=s2, recall_target=recall)
       return jnp.mean(out)
-    ms = time_ms(jax.jit(jax.value_and_grad(loss)), q, pos, queue,
-                 iters=args.iters)
+    ms, _ = common.time_ms(jax.jit(jax.value_and_grad(loss)), q, pos, queue,
+                           iters=args.iters)
     rows.append(f'| {name} | {b} | {k:,} | {d} | {ms:.2f} |')
   return rows
 
