@@ -41,9 +41,29 @@ Presets after the colon, comma separated:
                                    The names only say which checkpoint the
                                    paper used (ViT-B/32); any CLIP folder
                                    works with any of them.
+  negatives=mined|dynamic          fine-tune the method with 4 hard
+                                   negative captions per image, mined
+                                   among the training captions (relative
+                                   margin 0.05 against false negatives):
+                                   mined: once, from the towers it starts
+                                   from (static, STAR); dynamic: again
+                                   every 50 steps from the current towers
+                                   (ADORE). Or mine offline with
+                                   python -m launch.mine and pass
+                                   --config.mining.path=<its .npz>
+  batches=neighbour|cluster|topic  fine-tune the method on batches of
+                                   similar images (Sample4Geo, NGAME,
+                                   TAS-B) from its towers' image
+                                   embeddings, refreshed with the
+                                   negatives (mining.every_steps)
   smoke                            a tiny run (under a minute) writing
                                    several checkpoints; combines with the
                                    others: configs/clip_mixup.py:smoke,method=m3mix
+
+With negatives or batches, the study names the method's run
+``finetune_<method>_mined``; pretraining and the plain-CLIP fine-tuning it
+is compared with use neither (the same runs as without them, reused in the
+same workdir).
 
 shapes32 recipe: CLIP pretraining (learnable temperature, clamped at 100)
 on 9000 pairs for 400 steps at batch 128; fine-tuning on 9000 other pairs
@@ -74,13 +94,17 @@ _TOWERS = {'convnet': 'convnet', 'vit': 'vit_tiny'}
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """The CLIP-mixup config; ``arg`` selects presets (module docstring)."""
   arg = common.parse_arg(arg, method='m2mix', stage='both', data='shapes',
-                         tower='convnet', init='', smoke=False)
+                         tower='convnet', init='', smoke=False,
+                         negatives='', batches='random')
   if arg.data not in _DATA:
     raise ValueError(f'unknown data preset {arg.data!r}; known: '
                      f'{", ".join(_DATA)}')
   if arg.tower not in _TOWERS:
     raise ValueError(f'unknown tower preset {arg.tower!r}; known: '
                      f'{", ".join(_TOWERS)}')
+  if arg.negatives not in ('', 'mined', 'dynamic'):
+    raise ValueError(f'unknown negatives preset {arg.negatives!r}; known: '
+                     'mined, dynamic')
   if arg.init and arg.init not in _INITS:
     raise ValueError(f'unknown init preset {arg.init!r}; known: '
                      f'{", ".join(_INITS)}')
@@ -137,6 +161,33 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       temperature=0.1 if siglip else 0.07,  # initial learnable value
       learn_temperature=True))
 
+  # Hard negatives from the training pairs (ALGORITHMS.md §9), for the
+  # method's fine-tuning run (stage=both: not pretraining, not the
+  # plain-CLIP run it is compared with).
+  c.mining = mlc.ConfigDict(dict(
+      # Mined captions per image, extra negatives of its image->text
+      # cross-entropy (0: none).
+      negatives=4 if arg.negatives else 0,
+      # Records of `python -m launch.mine` (static); '': the run mines
+      # from its own towers.
+      path='',
+      # Re-mine (and refresh the batch order) every N steps from the
+      # current towers (dynamic, ADORE); 0: once, before the first step.
+      every_steps=50 if arg.negatives == 'dynamic' else 0,
+      # Batch composition from image embeddings: random, neighbour
+      # (Sample4Geo), cluster (NGAME) or topic (TAS-B).
+      batches=arg.batches,
+      cluster_size=8,  # batches=cluster: images per balanced cluster
+      num_topics=32,  # batches=topic: k-means topics
+      # hnjax.mining.mine_hard_negatives' filters (sentence-transformers'
+      # meanings): skip / keep the most similar (range_max 0: all), drop
+      # scores above / below, drop within a margin of the positive's
+      # score (< 0: off). A duplicate of the positive caption scores
+      # exactly its score: a margin > 0 removes it.
+      range_min=0, range_max=0, max_score=float('inf'),
+      min_score=float('-inf'), absolute_margin=-1.0, relative_margin=0.05,
+      sampling='top'))  # the best survivors, or 'random' among them
+
   if arg.stage == 'pretrain':  # a pretraining run on its own: its recipe
     p = c.pretrain
     c.method, c.num_steps, c.temperature = p.method, p.num_steps, p.temperature
@@ -165,6 +216,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.hist_every_steps = 8
     c.ckpt.every_steps = 4
     c.eval.every_steps = 6
+    if c.mining.every_steps:
+      c.mining.every_steps = 5
+    c.mining.num_topics = 8
     if arg.init:
       c.num_steps, c.num_epochs = 12, 1
       c.eval.batch_size = 64

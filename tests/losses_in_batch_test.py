@@ -28,6 +28,17 @@ def np_symmetric(a, b, t, eps=0.0):
                    for i in range(a.shape[0])])
 
 
+def np_symmetric_extra(a, b, extra, mask, t):
+  """The a -> b row of pair i also holds a_i's unmasked extra negatives."""
+  a, b, extra = (np.asarray(x, np.float64) for x in (a, b, extra))
+  logits = a @ b.T / t
+  out = []
+  for i in range(a.shape[0]):
+    row = np.concatenate([logits[i], extra[i][mask[i]] @ a[i] / t])
+    out.append(0.5 * (np_ce(row, i) + np_ce(logits[:, i], i)))
+  return np.array(out)
+
+
 def np_sigmoid(a, b, scale, bias):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   out = np.zeros(a.shape[0])
@@ -145,6 +156,84 @@ class SymmetricInfoNCETest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "axis_name='data'"):
       losses.symmetric_info_nce(self.a, self.b, temperature=1.0,
                                 axis_name='data')
+
+
+class ExtraNegativesTest(absltest.TestCase):
+  """symmetric_info_nce with per-pair mined negatives (a -> b only)."""
+
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(7)
+    self.a = testing.unit(rng, 5, 4)
+    self.b = testing.unit(rng, 5, 4)
+    self.extra = testing.unit(rng, 5, 3, 4)
+    self.mask = rng.random((5, 3)) > 0.3
+    self.mask[2] = False  # a pair without any mined negative
+
+  def loss(self, a, b, extra, mask=None, t=0.2):
+    return losses.symmetric_info_nce(a, b, temperature=t,
+                                     extra_negatives=extra,
+                                     extra_negative_mask=mask)
+
+  def test_hand_computed(self):
+    # a = b = e1, one extra e2: row [1, 0] / 1, column [1]: log(1 + e^-1)/2.
+    x = jnp.eye(2)[:1]
+    out = losses.symmetric_info_nce(x, x, temperature=1.0,
+                                    extra_negatives=jnp.eye(2)[None, 1:])
+    np.testing.assert_allclose(out, [0.5 * math.log1p(math.exp(-1))],
+                               rtol=1e-6)
+
+  def test_matches_numpy_and_jit(self):
+    ref = np_symmetric_extra(self.a, self.b, self.extra, self.mask, 0.2)
+    np.testing.assert_allclose(
+        self.loss(self.a, self.b, self.extra, self.mask), ref, rtol=1e-5)
+    np.testing.assert_allclose(
+        jax.jit(self.loss)(self.a, self.b, self.extra, self.mask), ref,
+        rtol=1e-5)
+    # A masked-out pair has the plain CLIP loss; no mask: all count.
+    np.testing.assert_allclose(
+        self.loss(self.a, self.b, self.extra, self.mask)[2],
+        np_symmetric(self.a, self.b, 0.2)[2], rtol=1e-5)
+    np.testing.assert_allclose(
+        self.loss(self.a, self.b, self.extra),
+        np_symmetric_extra(self.a, self.b, self.extra,
+                           np.ones((5, 3), bool), 0.2), rtol=1e-5)
+
+  def test_gradients_reach_the_extra_negatives(self):
+    g = jax.grad(lambda a, e: self.loss(a, self.b, e, self.mask).sum(),
+                 (0, 1))(self.a, self.extra)
+    ref_a = testing.numeric_grad(lambda a: np_symmetric_extra(
+        a, self.b, self.extra, self.mask, 0.2).sum(), self.a)
+    ref_e = testing.numeric_grad(lambda e: np_symmetric_extra(
+        self.a, self.b, e, self.mask, 0.2).sum(), self.extra)
+    np.testing.assert_allclose(g[0], ref_a, atol=1e-4)
+    np.testing.assert_allclose(g[1], ref_e, atol=1e-4)
+    self.assertTrue(np.all(g[1][~self.mask] == 0))  # masked: no gradient
+
+  def test_non_finite_extra_poisons_only_its_pair(self):
+    extra = self.extra.copy()
+    extra[1, 0, 0] = np.nan
+    out = np.asarray(self.loss(self.a, self.b, extra, self.mask))
+    self.assertTrue(np.isnan(out[1]))
+    np.testing.assert_allclose(
+        np.delete(out, 1),
+        np.delete(np_symmetric_extra(self.a, self.b, self.extra, self.mask,
+                                     0.2), 1), rtol=1e-5)
+
+  def test_bad_input(self):
+    with self.assertRaisesRegex(ValueError, r'extra_negatives must be \[5, '
+                                r'k, 4\] like a, got \[5, 4\]'):
+      self.loss(self.a, self.b, self.b)
+    with self.assertRaisesRegex(ValueError, 'extra_negative_mask must be '
+                                r'bool \[5, 3\], got int'):
+      self.loss(self.a, self.b, self.extra, np.ones((5, 3), int))
+    with self.assertRaisesRegex(ValueError, 'without extra_negatives'):
+      self.loss(self.a, self.b, None, self.mask)
+    with self.assertRaisesRegex(ValueError, 'label_smoothing must be 0 with '
+                                'extra_negatives, got 0.1'):
+      losses.symmetric_info_nce(self.a, self.b, temperature=1.0,
+                                label_smoothing=0.1,
+                                extra_negatives=self.extra)
 
 
 class SigmoidContrastiveTest(parameterized.TestCase):

@@ -21,8 +21,19 @@ from unittest import mock
 from absl.testing import absltest
 import pytest
 
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from hnjax import checkpoint
+from hnjax import data as data_lib
+from hnjax import parallel
 from hnjax import runlog
+from hnjax.data import paired
+from hnjax.train import preemption
+from hnjax.train import runner
+from hnjax.train import state as state_lib
 from hnjax.train import supremix
 from hnjax.train import workdir as workdir_lib
 from tests import testing
@@ -301,3 +312,81 @@ class ProcessTest(absltest.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+
+@flax.struct.dataclass
+class _CountState:
+  step: jax.Array
+  total: jax.Array  # the sum of every value read so far
+  table: jax.Array  # what the source reads: row i -> table[i]
+
+
+class RefreshTest(absltest.TestCase):
+  """`Pieces.refresh`: before the first step and every N steps; the batches
+  after it read the refreshed state; a resumed run reads the same."""
+
+  N = 40  # rows; batches of 8: 5 steps per epoch
+
+  def _family(self, calls):
+    def refresh(state):
+      calls.append(int(state.step))
+      # A table that depends on the state, as mined negatives do.
+      return state.replace(table=jnp.arange(self.N) * 100 + state.step)
+
+    def step(state, batch):
+      return state.replace(step=state.step + 1,
+                           total=state.total + jnp.sum(batch['x'])), {
+                               'loss': jnp.float32(0.0)}
+
+    def build(setup):
+      def init():
+        zero = jnp.zeros((), jnp.int32)
+        return _CountState(step=zero, total=zero,
+                           table=jnp.zeros((self.N,), jnp.int32))
+      return runner.Pieces(
+          init_state=lambda: state_lib.create(init, setup.mesh),
+          step=lambda variant: step,
+          evaluate=lambda state, final, plot_dir: {
+              'total': int(parallel.to_host(state.total))},
+          learning_rate=lambda s: 0.0, refresh=refresh, refresh_every=3,
+          train_data=lambda state: (paired.ArraySource(
+              x=parallel.to_host(state.table)), None))
+
+    return runner.Family(
+        name='count', validate=lambda config, num_devices: None,
+        open_data=lambda config: runner.Data(
+            train=paired.ArraySource(x=np.zeros(self.N, np.int32)),
+            fields=('x',)), build=build)
+
+  def _expected(self, config):
+    total, table = 0, None
+    for t in range(config.num_steps):
+      if t % 3 == 0:  # refreshed before step t + 1 (t = 0: the fresh run)
+        table = np.arange(self.N) * 100 + t
+      rows = data_lib.train_rows(t, num_examples=self.N,
+                                 global_batch_size=8, seed=config.seed)
+      total += int(table[rows].sum())
+    return total
+
+  def test_refreshes_and_resumes(self):
+    config = testing.tiny_config(batch_size=8, num_steps=10)
+    want = self._expected(config)
+    calls = []
+    out = runner.train_and_evaluate(self._family(calls), config,
+                                    os.path.join(tempfile.mkdtemp(), 'a'))
+    self.assertEqual(calls, [0, 3, 6, 9])
+    self.assertEqual(out['total'], want)
+    # Stopped after step 4 (between refreshes) or 6 (just refreshed, saved
+    # with the refreshed table), then resumed: the same reads.
+    for stop_at in (4, 6):
+      calls = []
+      workdir = os.path.join(tempfile.mkdtemp(), 'b')
+      with mock.patch.object(preemption.PreemptionGuard, 'should_stop',
+                             lambda self, step, at=stop_at: step == at):
+        out = runner.train_and_evaluate(self._family(calls), config, workdir)
+      self.assertTrue(out['interrupted'])
+      out = runner.train_and_evaluate(self._family(calls), config, workdir)
+      self.assertEqual(out['total'], want, f'stopped at {stop_at}')
+      # A resumed run does not refresh before its first step.
+      self.assertEqual(calls, [0, 3, 6, 9])

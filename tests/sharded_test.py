@@ -81,6 +81,13 @@ class ShardedLossTest(parameterized.TestCase):
         a, b, temperature=0.1, label_smoothing=0.1, axis_name=ax)
     self.assert_same(fn, n, (self.q, self.k), (ROWS, ROWS))
 
+  def test_symmetric_info_nce_extra_negatives(self, n=8):
+    fn = lambda a, b, e, m, ax: losses.symmetric_info_nce(
+        a, b, temperature=0.1, extra_negatives=e, extra_negative_mask=m,
+        axis_name=ax)
+    self.assert_same(fn, n, (self.q, self.k, self.extra, self.mask[:, :3]),
+                     (ROWS, ROWS, ROWS, ROWS))
+
   @parameterized.parameters(*MESH_SIZES)
   def test_sigmoid_contrastive(self, n):
     fn = lambda a, b, ax: losses.sigmoid_contrastive(

@@ -347,3 +347,72 @@ def in_batch_hardest_similarity(embeddings: np.ndarray, order: np.ndarray,
     np.fill_diagonal(s, -np.inf)
     total += float(s.max(axis=1).sum())
   return total / max(batches.size, 1)
+
+
+# The samplers `EpochOrder` wraps (random batches: the pipeline's default).
+ORDERS = ('neighbour', 'cluster', 'topic')
+
+
+class EpochOrder:
+  """A sampler as the input pipeline's ``order``: ``epoch -> ids``.
+
+  Wraps `neighbour_order`, `cluster_order` or `topic_order` with fixed
+  embeddings (those of the last refresh), so that
+  `hnjax.data.train_iterator(..., order=EpochOrder(...))` draws batches of
+  neighbours. The last two epochs' orders are cached (the pipeline asks
+  once per step); instances pickle (grain workers).
+
+  Args:
+    kind: one of `ORDERS`.
+    embeddings: ``[n, D]`` embeddings of the training examples.
+    batch_size: ``B``, the global batch size.
+    seed: sampler seed.
+    cluster_size: ``'cluster'``'s examples per cluster.
+    num_topics: ``'topic'``'s k-means clusters.
+    neighbours: ``'neighbour'``'s ``[n, R]`` nearest-first table (e.g.
+      `hnjax.mining.mine_hard_negatives` of the embeddings against
+      themselves); required there.
+  """
+
+  def __init__(self, kind: str, embeddings: np.ndarray | None,
+               batch_size: int, *, seed: int, cluster_size: int = 8,
+               num_topics: int = 32, neighbours: np.ndarray | None = None):
+    if kind not in ORDERS:
+      raise ValueError(f'order must be one of {ORDERS}, got {kind!r}')
+    if kind == 'neighbour' and neighbours is None:
+      raise ValueError("order 'neighbour' needs the neighbours table")
+    embeddings = _unit(embeddings)
+    if neighbours is not None and len(neighbours) != len(embeddings):
+      raise ValueError(f'neighbours has {len(neighbours)} rows for '
+                       f'{len(embeddings)} embeddings')
+    _check_batch(batch_size, len(embeddings))
+    self.kind, self.embeddings, self.neighbours = kind, embeddings, neighbours
+    self.batch_size, self.seed = batch_size, seed
+    self.cluster_size, self.num_topics = cluster_size, num_topics
+    self._cache = {}
+
+  def __len__(self) -> int:
+    return len(self.embeddings)
+
+  def __call__(self, epoch: int) -> np.ndarray:
+    epoch = int(epoch)
+    if epoch not in self._cache:
+      kw = dict(seed=self.seed, epoch=epoch)
+      if self.kind == 'neighbour':
+        order = neighbour_order(self.neighbours, self.batch_size, **kw)
+      elif self.kind == 'cluster':
+        order = cluster_order(self.embeddings, self.batch_size,
+                              cluster_size=self.cluster_size, **kw)
+      else:
+        order = topic_order(self.embeddings, self.batch_size,
+                            num_topics=self.num_topics, **kw)
+      order.flags.writeable = False
+      self._cache = {e: o for e, o in self._cache.items() if e == epoch - 1}
+      self._cache[epoch] = order
+    return self._cache[epoch]
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != '_cache'}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _cache={})

@@ -9,6 +9,11 @@ batch is positions ``[s * G, (s + 1) * G)`` of that permutation, and process
 batch is therefore a function of ``(seed, t)`` alone: 1 process and 2
 processes see the same global batches.
 
+Batch composition. ``order`` replaces the permutation by any function of
+the epoch (`hnjax.data.batching`'s samplers: batches of near neighbours,
+clusters or topics); step ``s`` of epoch ``e`` is then positions ``[s * G,
+(s + 1) * G)`` of ``order(e)``, which must hold ``S * G`` distinct rows.
+
 Resuming. The grain iterator's state is ``{'next_index': t}``, ``t`` being
 the next global step; it is JSON-able and works with
 ``grain.checkpoint.CheckpointSave``/``CheckpointRestore``. Building the
@@ -105,6 +110,7 @@ def train_rows(
     seed,
     process_index=0,
     process_count=1,
+    order=None,
 ):
   """Source rows of one process's slice of the global batch of ``step``.
 
@@ -115,14 +121,25 @@ def train_rows(
     seed: pipeline seed.
     process_index: ``p``.
     process_count: ``P``.
+    order: ``epoch -> int [>= S * G]`` rows of that epoch, batch after
+      batch; default ``epoch_permutation(n, seed, epoch)``.
 
   Returns:
     int64 ``[G / P]`` row positions in the source.
   """
   local = _local_batch_size(global_batch_size, process_count)
-  epoch, s = divmod(int(step), steps_per_epoch(num_examples, global_batch_size))
+  per_epoch = steps_per_epoch(num_examples, global_batch_size)
+  epoch, s = divmod(int(step), per_epoch)
   start = s * global_batch_size + process_index * local
-  return epoch_permutation(num_examples, seed, epoch)[start : start + local]
+  if order is None:
+    return epoch_permutation(num_examples, seed, epoch)[start : start + local]
+  rows = np.asarray(order(epoch))
+  if rows.ndim != 1 or len(rows) < per_epoch * global_batch_size:
+    raise ValueError(
+        f'order({epoch}) must give at least {per_epoch * global_batch_size} '
+        f'rows ({per_epoch} batches of {global_batch_size}), got shape '
+        f'{rows.shape}')
+  return rows[start : start + local].astype(np.int64)
 
 
 def _to_batch(raw, fields):
@@ -199,6 +216,7 @@ def train_dataset(
     process_index=None,
     process_count=None,
     fields=None,
+    order=None,
 ):
   """The training batches as a grain ``MapDataset`` indexed by global step.
 
@@ -211,6 +229,8 @@ def train_dataset(
     process_index: ``p``; default ``jax.process_index()``.
     process_count: ``P``; default ``jax.process_count()``.
     fields: names of the fields to keep; default all numeric ones.
+    order: ``epoch -> rows`` (see `train_rows`; picklable with grain
+      workers); default the seeded permutation.
 
   Returns:
     ``grain.MapDataset`` whose element ``t`` is process ``p``'s batch of step
@@ -225,6 +245,7 @@ def train_dataset(
       seed=seed,
       process_index=p,
       process_count=n_proc,
+      order=order,
   )  # validates
   read = _TrainBatch(
       source,
@@ -233,6 +254,7 @@ def train_dataset(
       seed=seed,
       process_index=p,
       process_count=n_proc,
+      order=order,
   )
   return grain.MapDataset.range(0, num_steps or _FOREVER).map(read)
 
@@ -247,6 +269,7 @@ def train_iterator(
     process_index=None,
     process_count=None,
     fields=None,
+    order=None,
     num_threads=2,
     prefetch=4,
     num_workers=0,
@@ -264,6 +287,7 @@ def train_iterator(
     process_index: ``p``; default ``jax.process_index()``.
     process_count: ``P``; default ``jax.process_count()``.
     fields: as in ``train_dataset``.
+    order: as in ``train_dataset``.
     num_threads: grain reader threads.
     prefetch: batches read ahead.
     num_workers: grain worker processes (0: none).
@@ -285,6 +309,7 @@ def train_iterator(
       process_index=process_index,
       process_count=process_count,
       fields=fields,
+      order=order,
   )
   if num_workers and start_step:
     # Worker iterators cannot jump; start the dataset at `start_step`.

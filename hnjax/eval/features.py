@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from hnjax import notebook
 from hnjax import parallel
 from hnjax.data import pipeline
 
@@ -25,6 +26,7 @@ def extract(
     batch_size: int,
     inputs: Sequence[str] = ('image',),
     fields: Sequence[str] = ('label',),
+    progress: str | None = None,
 ) -> Split:
   """Encodes every example of ``source``.
 
@@ -37,6 +39,8 @@ def extract(
     inputs: fields the encoder reads.
     fields: per-example fields returned beside the features (labels,
       targets).
+    progress: the description of a progress bar over the batches (on
+      process 0), or None for none.
 
   Returns:
     ``{'features': [n, F], **{field: [n]}}`` numpy arrays, ``n = len(source)``,
@@ -46,6 +50,10 @@ def extract(
                                    fields=tuple(dict.fromkeys(
                                        (*inputs, *fields))))
   out = {'features': [], **{f: [] for f in fields}}
+  if progress is not None:
+    batches = notebook.tqdm_class()(
+        batches, total=-(-len(source) // batch_size), desc=progress,
+        unit='batch', leave=False, disable=jax.process_index() != 0)
   for local in batches:
     batch = parallel.global_batch(local, mesh)
     keep = parallel.to_host(batch['mask'])

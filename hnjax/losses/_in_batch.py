@@ -41,6 +41,8 @@ def symmetric_info_nce(
     *,
     temperature: jax.typing.ArrayLike,
     label_smoothing: float = 0.0,
+    extra_negatives: jax.typing.ArrayLike | None = None,
+    extra_negative_mask: jax.typing.ArrayLike | None = None,
     axis_name: str | None = None,
 ) -> jax.Array:
   """Symmetric InfoNCE over in-batch pairs (CLIP, Sample4Geo).
@@ -56,11 +58,22 @@ def symmetric_info_nce(
   ``torch.nn.CrossEntropyLoss`` does (Sample4Geo uses 0.1). For CLIP's
   learnable ``logit_scale`` pass ``temperature = 1 / logit_scale``.
 
+  ``extra_negatives`` ``n_{i,1..k}`` (e.g. hard negatives mined by
+  `hnjax.mining`) join the in-batch ones in the ``a → b`` direction of
+  their own pair only:
+  ``CE([a_i·b_1, …, a_i·b_G, a_i·n_{i,1}, …, a_i·n_{i,k}] / T, i)``; the
+  ``b → a`` direction is unchanged. They carry gradient (they are encoded
+  by the same tower, as NegCLIP's captions); masked ones drop out.
+
   Args:
     a: ``[B, D]`` embeddings of one side (e.g. images), normalised.
     b: ``[B, D]`` embeddings of the other side (e.g. texts), normalised.
     temperature: ``T > 0``.
-    label_smoothing: ``ε`` in ``[0, 1)``.
+    label_smoothing: ``ε`` in ``[0, 1)`` (0 with ``extra_negatives``).
+    extra_negatives: optional ``[B, k, D]`` extra negatives of each ``a_i``
+      (this device's rows when sharded), normalised.
+    extra_negative_mask: optional bool ``[B, k]``, False where a hard
+      negative is missing (a ``-1`` of the miner); default all True.
     axis_name: mesh axis the batch is sharded over (gather with gradient),
       or None.
 
@@ -84,6 +97,11 @@ def symmetric_info_nce(
   if not 0.0 <= label_smoothing < 1.0:
     raise ValueError(f'label_smoothing must be in [0, 1), got '
                      f'{label_smoothing}')
+  extra, extra_mask = _extra_negatives(a, extra_negatives,
+                                       extra_negative_mask)
+  if extra is not None and label_smoothing:
+    raise ValueError('label_smoothing must be 0 with extra_negatives, got '
+                     f'{label_smoothing}')
   shards = _checks.axis_size(axis_name)
   inv_t = 1.0 / numerics.valid_scale(temperature)
   labels = parallel.local_rows(a.shape[0], axis_name)
@@ -92,11 +110,39 @@ def symmetric_info_nce(
   logits_ab = a @ b_all.T * inv_t
   # One shard: the other direction is the transpose (half the products).
   logits_ba = logits_ab.T if shards == 1 else b @ a_all.T * inv_t
-  ce_ab = _cross_entropy(logits_ab, labels, label_smoothing)
   ce_ba = _cross_entropy(logits_ba, labels, label_smoothing)
   # Every pair's loss reads the whole batch (both directions).
   bad = ~(jnp.all(jnp.isfinite(a_all)) & jnp.all(jnp.isfinite(b_all)))
+  if extra is not None:
+    mined = jnp.einsum('bd,bkd->bk', a, extra) * inv_t
+    logits_ab = jnp.concatenate(
+        [logits_ab, jnp.where(extra_mask, mined, -jnp.inf)], axis=1)
+    # A row's own hard negatives only reach its own loss.
+    bad = bad | ~jnp.all(jnp.isfinite(extra), axis=(1, 2))
+  ce_ab = _cross_entropy(logits_ab, labels, label_smoothing)
   return numerics.nan_where(bad, 0.5 * (ce_ab + ce_ba))
+
+
+def _extra_negatives(a, negatives, mask):
+  """Checked ``[B, k, D]`` float32 hard negatives and their ``[B, k]`` mask."""
+  if negatives is None:
+    if mask is not None:
+      raise ValueError('extra_negative_mask is given without '
+                       'extra_negatives')
+    return None, None
+  _checks.floating('extra_negatives', negatives)
+  negatives = jnp.asarray(negatives, jnp.float32)
+  if negatives.ndim != 3 or negatives.shape[::2] != a.shape:
+    raise ValueError(f'extra_negatives must be [{a.shape[0]}, k, '
+                     f'{a.shape[1]}] like a, got {list(negatives.shape)}')
+  if mask is None:
+    mask = jnp.ones(negatives.shape[:2], bool)
+  mask = jnp.asarray(mask)
+  if mask.shape != negatives.shape[:2] or mask.dtype != jnp.bool_:
+    raise ValueError(f'extra_negative_mask must be bool '
+                     f'{list(negatives.shape[:2])}, got {mask.dtype}'
+                     f'{list(mask.shape)}')
+  return negatives, mask
 
 
 def sigmoid_contrastive(

@@ -58,9 +58,12 @@ import numpy as np
 import optax
 
 from hnjax import losses
+from hnjax import mining as mining_lib
 from hnjax import numerics
 from hnjax import parallel
 from hnjax.data import augment
+from hnjax.data import batching
+from hnjax.data import mined as mined_lib
 from hnjax.data import paired
 from hnjax.eval import features as features_lib
 from hnjax.eval import geometry
@@ -95,12 +98,18 @@ class TrainState:
     batch_stats: the image tower's BN statistics (empty for a ViT).
     opt_state: optax state.
     rng: typed PRNG key; step ``t`` uses ``fold_in(rng, t)``.
+    mined: what the input pipeline reads, from the last refresh
+      (``mining.*``; replicated): ``negatives`` int32 ``[n, k]`` (each
+      training pair's mined captions, rows of the training set) and
+      ``embeddings`` ``[n, D]`` (its images', for the batch order); None
+      without mining.
   """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
   rng: jax.Array
+  mined: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +130,7 @@ class StepConfig:
   context_length: int
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  mined_negatives: int = 0
 
 
 # ----------------------------------------------------------------------------
@@ -152,6 +162,7 @@ def validate(config: mlc.ConfigDict, num_devices: int) -> None:
   checks.require(config.data.name in paired.DATASETS, 'data.name',
                  config.data.name, f'not an image-caption dataset; known: '
                  f'{paired.DATASETS}')
+  _validate_mining(config)
   if config.init_path:
     _validate_pretrained(config)
     return
@@ -177,6 +188,36 @@ def validate(config: mlc.ConfigDict, num_devices: int) -> None:
                    'to start from another run')
     checks.positive(config, 'pretrain.num_steps', 'pretrain.learning_rate',
                     'pretrain.temperature')
+
+
+def _validate_mining(config: mlc.ConfigDict) -> None:
+  """The checks of ``mining.*`` (hard negatives, batch composition)."""
+  m = config.mining
+  for field in ('negatives', 'every_steps', 'range_min', 'range_max'):
+    value = m[field]
+    checks.require(isinstance(value, int) and value >= 0, f'mining.{field}',
+                   value, 'must be an integer >= 0')
+  checks.positive(config, 'mining.cluster_size', 'mining.num_topics')
+  checks.one_of(config, 'mining.batches', ('random', *batching.ORDERS))
+  checks.one_of(config, 'mining.sampling', mining_lib.STRATEGIES)
+  checks.require(m.range_max == 0 or m.range_max > m.range_min,
+                 'mining.range_max', m.range_max,
+                 f'must be 0 (all) or > mining.range_min={m.range_min}')
+  for field in ('absolute_margin', 'relative_margin'):
+    checks.require(np.isfinite(m[field]), f'mining.{field}', m[field],
+                   'must be finite (< 0: off)')
+  checks.require(not (m.negatives and config.method == 'siglip'),
+                 'mining.negatives', m.negatives,
+                 'mined negatives join the softmax of clip, m2mix and '
+                 'm3mix; siglip has none (set it to 0)')
+  if m.path:
+    checks.require(m.negatives > 0, 'mining.negatives', m.negatives,
+                   f'must be > 0 to train with mining.path={m.path!r}')
+
+
+def mining_on(config: mlc.ConfigDict) -> bool:
+  """Whether this run uses mined negatives or a batch order."""
+  return config.mining.negatives > 0 or config.mining.batches != 'random'
 
 
 def _validate_pretrained(config: mlc.ConfigDict) -> None:
@@ -220,16 +261,21 @@ def _tokenizer(path: str, context_length: int) -> clip_tokenizer.ClipTokenizer:
 # ----------------------------------------------------------------------------
 
 
-def _objective_body(v, t, scale, bias, lam, lam3, epoch, *, cfg):
+def _objective_body(v, t, neg, neg_mask, scale, bias, lam, lam3, epoch, *,
+                    cfg):
   """Per-device body: ``(total [B], terms)``, each term ``[B]`` per pair.
 
-  ``lam`` is m²-mix's λ, ``lam3`` ``[3]`` those of V-, L- and VL-mix.
+  ``neg`` ``[B, k, D]`` are the mined captions of each image (masked by
+  ``neg_mask``; None without), extra negatives of the CLIP term; ``lam``
+  is m²-mix's λ, ``lam3`` ``[3]`` those of V-, L- and VL-mix.
   """
   if cfg.method == 'siglip':
     loss = losses.sigmoid_contrastive(v, t, scale=scale, bias=bias,
                                       axis_name=DATA)
     return loss, {'siglip': loss}
   clip = losses.symmetric_info_nce(v, t, temperature=1.0 / scale,
+                                   extra_negatives=neg,
+                                   extra_negative_mask=neg_mask,
                                    axis_name=DATA)
   terms, mix = {'clip': clip}, jnp.zeros_like(clip)
   if cfg.method in ('m2mix', 'm3mix') and cfg.m2mix_weight > 0:
@@ -264,7 +310,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   Args:
     state: the `TrainState` (donated when jitted by the runner).
     batch: global batch, sharded over ``'data'``: ``image`` uint8
-      ``[G, H, W, 3]``, ``tokens`` int32 ``[G, L]``, ``index`` ``[G]``.
+      ``[G, H, W, 3]``, ``tokens`` int32 ``[G, L]``, ``index`` ``[G]``;
+      with mined negatives also ``negative_tokens`` ``[G, k, L]`` and
+      ``negative_mask`` bool ``[G, k]``.
     model: the `hnjax.models.CLIP` module.
     tx: the optax optimizer.
     cfg: static hyperparameters.
@@ -273,7 +321,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   Returns:
     ``(new_state, metrics)``: ``loss``, each term's batch mean,
     ``logit_scale``, ``lam``, ``grad_norm``, and the per-pair losses
-    ``pair_loss [G]``.
+    ``pair_loss [G]``; with mined negatives ``mined_similarity`` (the mean
+    cosine of an image and its mined captions) and ``positive_similarity``.
   """
   key = jax.random.fold_in(state.rng, state.step)
   k_lam, k_lam3 = jax.random.split(key)
@@ -286,10 +335,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   x = augment.eval_transform(batch['image'], out_size=cfg.image_size,
                              mean=cfg.mean, std=cfg.std)
 
+  k = cfg.mined_negatives
   body = jax.shard_map(
       functools.partial(_objective_body, cfg=cfg), mesh=mesh,
-      in_specs=(P(DATA), P(DATA), P(), P(), P(), P(), P()),
-      out_specs=(P(DATA), P(DATA)))
+      in_specs=(P(DATA),) * 4 + (P(),) * 5, out_specs=(P(DATA), P(DATA)))
 
   def loss_fn(params):
     out, new_vars = model.apply(
@@ -297,20 +346,34 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
         batch['tokens'], train=True, mutable=['batch_stats'])
     v = numerics.l2_normalize(out['image'])
     t = numerics.l2_normalize(out['text'])
+    neg = mask = None
+    if k:  # the mined captions, through the same text tower (with grad)
+      tokens = batch['negative_tokens']
+      neg = numerics.l2_normalize(model.apply(
+          {'params': params}, tokens.reshape(-1, tokens.shape[-1]),
+          method=model.encode_text)).reshape(*tokens.shape[:2], -1)
+      mask = batch['negative_mask']
     scale = _scale(out, cfg)
-    per_pair, terms = body(v, t, scale, out['logit_bias'], lam, lam3, epoch)
+    per_pair, terms = body(v, t, neg, mask, scale, out['logit_bias'], lam,
+                           lam3, epoch)
     return jnp.mean(per_pair), (per_pair, terms, scale,
-                                new_vars.get('batch_stats', {}))
+                                new_vars.get('batch_stats', {}), v, t, neg)
 
-  (loss, (per_pair, terms, scale, batch_stats)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  (loss, (per_pair, terms, scale, batch_stats, v, t, neg)), grads = (
+      jax.value_and_grad(loss_fn, has_aux=True)(state.params))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(
       step=state.step + 1, params=optax.apply_updates(state.params, updates),
       batch_stats=batch_stats, opt_state=opt_state)
   metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
                  logit_scale=scale, lam=lam, pair_loss=per_pair)
-  metrics.update({f'loss_{k}': jnp.mean(v) for k, v in terms.items()})
+  metrics.update({f'loss_{name}': jnp.mean(x) for name, x in terms.items()})
+  if k:
+    mask = batch['negative_mask']
+    sim = jnp.einsum('bd,bkd->bk', v, neg)
+    metrics['mined_similarity'] = (jnp.sum(jnp.where(mask, sim, 0.0))
+                                   / jnp.maximum(jnp.sum(mask), 1))
+    metrics['positive_similarity'] = jnp.mean(jnp.sum(v * t, axis=1))
   return new_state, metrics
 
 
@@ -330,18 +393,28 @@ def make_optimizer(config, schedule):
   return optim_lib.make_optimizer(o, schedule)
 
 
-def create_state(config, model, tx, cfg, mesh) -> TrainState:
-  """A fresh, replicated `TrainState` from ``config.seed``."""
+def create_state(config, model, tx, cfg, mesh, num_train=0) -> TrainState:
+  """A fresh, replicated `TrainState` from ``config.seed``; its ``mined``
+  tables (for ``num_train`` training pairs) are zeros until refreshed."""
   def init():
     k_init, k_run = jax.random.split(jax.random.key(config.seed))
     s = cfg.image_size
+    images = jnp.zeros((1, s, s, 3))
     variables = model.init(
-        k_init, jnp.zeros((1, s, s, 3)),
-        jnp.zeros((1, cfg.context_length), jnp.int32), train=False)
+        k_init, images, jnp.zeros((1, cfg.context_length), jnp.int32),
+        train=False)
     params = variables['params']
+    mined = {}
+    if config.mining.negatives and not config.mining.path:
+      mined['negatives'] = jnp.zeros((num_train, config.mining.negatives),
+                                     jnp.int32)
+    if config.mining.batches != 'random':
+      dim = model.apply(variables, images, method=model.encode_image).shape[1]
+      mined['embeddings'] = jnp.zeros((num_train, dim), jnp.float32)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}),
-                      opt_state=tx.init(params), rng=k_run)
+                      opt_state=tx.init(params), rng=k_run,
+                      mined=mined or None)
 
   return state_lib.create(init, mesh)
 
@@ -488,14 +561,28 @@ def open_data(config: mlc.ConfigDict) -> runner.Data:
         image_size=d.image_size or spec.image_size,
         tokenizer=_tokenizer(path, spec.context_length), resample='bicubic',
         normalization=(spec.mean, spec.std))
-    return runner.Data(train=info.train, fields=('image', 'tokens', 'index'),
-                       info=info)
-  info = _open_paired(
-      d.name, part=part, context_length=config.text.context_length,
-      data_dir=d.data_dir or None, image_size=d.image_size,
-      vocab_size=config.text.vocab_size)
-  return runner.Data(train=info.train, fields=('image', 'tokens', 'index'),
-                     info=info)
+  else:
+    info = _open_paired(
+        d.name, part=part, context_length=config.text.context_length,
+        data_dir=d.data_dir or None, image_size=d.image_size,
+        vocab_size=config.text.vocab_size)
+  fields, train = ('image', 'tokens', 'index'), info.train
+  if config.mining.negatives:
+    fields += ('negative_tokens', 'negative_mask')
+  if config.mining.path:  # static negatives: read once, never refreshed
+    records = mined_lib.Mined.load(os.path.abspath(config.mining.path))
+    k = config.mining.negatives
+    checks.require(
+        records.negatives.shape[1] >= k, 'mining.negatives', k,
+        f'{config.mining.path!r} holds {records.negatives.shape[1]} per '
+        'pair')
+    try:
+      table = records.table(len(train))[:, :k]
+    except ValueError as e:
+      raise ValueError(f'mining.path={config.mining.path!r}: {e} (mined '
+                       'from another dataset?)') from None
+    train = mined_lib.NegativesSource(train, table)
+  return runner.Data(train=train, fields=fields, info=info)
 
 
 def _step_config(config, setup) -> StepConfig:
@@ -516,7 +603,7 @@ def _step_config(config, setup) -> StepConfig:
       image_size=(pretrained_spec(config).image_size if config.init_path
                   else info.image_shape[0]),
       context_length=info.tokenizer.context_length, mean=tuple(info.mean),
-      std=tuple(info.std))
+      std=tuple(info.std), mined_negatives=int(config.mining.negatives))
 
 
 def create_model(config, info) -> clip_lib.CLIP:
@@ -544,7 +631,8 @@ def build(setup: runner.Setup) -> runner.Pieces:
       config.optim, batch_size=config.batch_size,
       steps_per_epoch=setup.steps_per_epoch, total_steps=setup.total_steps)
   tx = make_optimizer(config, schedule)
-  fresh = lambda: create_state(config, model, tx, cfg, mesh)
+  fresh = lambda: create_state(config, model, tx, cfg, mesh,
+                               len(setup.data.train))
   init_state = fresh
   if config.init_path:
     init_state = lambda: with_pretrained(
@@ -552,6 +640,12 @@ def build(setup: runner.Setup) -> runner.Pieces:
   encoders = _encoders(model, cfg)
   step = functools.partial(train_step, model=model, tx=tx, cfg=cfg,
                            mesh=mesh)
+  refresh = train_data = None
+  if fresh_state_has_mined(config):
+    refresh = functools.partial(refresh_mined, encoders=encoders,
+                                config=config, train=info.train, mesh=mesh)
+    train_data = functools.partial(train_data_of, config=config,
+                                   train=setup.data.train)
   return runner.Pieces(
       init_state=init_state,
       step=lambda variant: step,
@@ -565,7 +659,89 @@ def build(setup: runner.Setup) -> runner.Pieces:
       progress=('loss', 'logit_scale'),
       histogram_ranges={'pair_loss': (0.0, 10.0)},
       summary=SUMMARY + PROTOCOL_SUMMARY + ('untrained_r1sum',
-                                           'untrained_hard_negative_acc'))
+                                           'untrained_hard_negative_acc'),
+      refresh=refresh, refresh_every=config.mining.every_steps,
+      train_data=train_data)
+
+
+# ----------------------------------------------------------------------------
+# Hard negatives and batch orders from the current towers.
+# ----------------------------------------------------------------------------
+
+
+def fresh_state_has_mined(config: mlc.ConfigDict) -> bool:
+  """Whether the state carries tables a refresh recomputes."""
+  return bool((config.mining.negatives and not config.mining.path)
+              or config.mining.batches != 'random')
+
+
+def mining_filters(config: mlc.ConfigDict) -> dict[str, Any]:
+  """``mining.*`` as `hnjax.mining.mine_hard_negatives`' keyword args."""
+  m = config.mining
+  return dict(
+      range_min=m.range_min, range_max=m.range_max or None,
+      max_score=None if m.max_score == np.inf else float(m.max_score),
+      min_score=None if m.min_score == -np.inf else float(m.min_score),
+      absolute_margin=(None if m.absolute_margin < 0
+                       else float(m.absolute_margin)),
+      relative_margin=(None if m.relative_margin < 0
+                       else float(m.relative_margin)),
+      sampling_strategy=m.sampling)
+
+
+def refresh_mined(state: TrainState, *, encoders, config, train, mesh
+                  ) -> TrainState:
+  """``state`` with ``mined`` recomputed from its towers.
+
+  Embeds every training pair (images and captions), mines each image's
+  ``mining.negatives`` hardest captions among all training captions (its
+  own excluded, ``mining.*``'s filters), and keeps the image embeddings
+  for the batch order. The same on every process.
+  """
+  image_fn, text_fn = encoders
+  kw = dict(mesh=mesh, batch_size=config.eval.batch_size, fields=())
+  step = int(parallel.to_host(state.step))
+  images = features_lib.extract(
+      lambda b: image_fn(state.params, state.batch_stats, b), train,
+      inputs=('image',), progress=f'step {step}: embedding images',
+      **kw)['features']
+  mined = {}
+  if 'negatives' in state.mined:
+    captions = features_lib.extract(
+        lambda b: text_fn(state.params, b), train, inputs=('tokens',),
+        progress=f'step {step}: embedding captions', **kw)['features']
+    rows = np.arange(len(train))
+    key = jax.random.fold_in(jax.random.key(config.seed), step)
+    mined['negatives'], _ = mined_lib.mine_embeddings(
+        images, captions, rows, num_negatives=config.mining.negatives,
+        key=key, **mining_filters(config))
+  if 'embeddings' in state.mined:
+    mined['embeddings'] = images
+  rep = jax.sharding.NamedSharding(mesh, P())
+  return state.replace(mined={
+      name: jax.make_array_from_process_local_data(rep, value)
+      for name, value in mined.items()})
+
+
+def train_data_of(state: TrainState, *, config, train):
+  """``(source, order)`` of the input pipeline given ``state.mined``."""
+  mined = {k: parallel.to_host(v) for k, v in state.mined.items()}
+  source, order = train, None
+  if 'negatives' in mined:
+    source = mined_lib.NegativesSource(train, mined['negatives'])
+  m = config.mining
+  if m.batches != 'random':
+    emb = mined['embeddings']
+    neighbours = None
+    if m.batches == 'neighbour':  # Sample4Geo's 128 nearest images
+      neighbours, _ = mined_lib.mine_embeddings(
+          emb, emb, np.arange(len(emb)),
+          num_negatives=min(128, len(emb) - 1))
+    order = batching.EpochOrder(
+        m.batches, emb, config.batch_size, seed=config.seed,
+        cluster_size=m.cluster_size, num_topics=m.num_topics,
+        neighbours=neighbours)
+  return source, order
 
 
 FAMILY = runner.Family(name='clip_mixup', validate=validate,
@@ -578,15 +754,19 @@ FAMILY = runner.Family(name='clip_mixup', validate=validate,
 
 
 def stage_config(config: mlc.ConfigDict, stage: str, *, method: str = '',
-                 init_from: str = '') -> mlc.ConfigDict:
+                 init_from: str = '', mining: bool = True) -> mlc.ConfigDict:
   """The config of one stage of a ``stage=both`` study.
 
   ``pretrain`` takes ``config.pretrain``'s method, length, learning rate
   and temperature; ``finetune`` keeps the config's own, with ``method``
-  and ``init_from`` as given.
+  and ``init_from`` as given. Pretraining and ``mining=False`` use no
+  mined negatives and random batches.
   """
   c = mlc.ConfigDict(config.to_dict())
   c.stage = stage
+  if stage == 'pretrain' or not mining:
+    c.mining.negatives, c.mining.path, c.mining.every_steps = 0, '', 0
+    c.mining.batches = 'random'
   if stage == 'pretrain':
     p = config.pretrain
     c.method = p.method
@@ -608,6 +788,12 @@ def _first_stage(config: mlc.ConfigDict) -> str:
   return 'zeroshot' if config.init_path else 'pretrain'
 
 
+def method_stage(config: mlc.ConfigDict) -> str:
+  """The name of the method's fine-tuning run in a ``stage=both`` study."""
+  mined = '_mined' if mining_on(config) else ''
+  return f'finetune_{config.method}{mined}'
+
+
 def plan(config: mlc.ConfigDict, workdir: str
          ) -> list[tuple[str, mlc.ConfigDict, str]]:
   """``[(name, config, workdir)]`` of the runs this config asks for."""
@@ -616,17 +802,19 @@ def plan(config: mlc.ConfigDict, workdir: str
   workdir = os.path.abspath(workdir)  # init_from must not depend on the cwd
   first = _first_stage(config)
   if first == 'zeroshot':  # the checkpoint as it is; fine-tuned from it
-    runs = [(first, stage_config(config, 'finetune', method='clip'),
+    runs = [(first, stage_config(config, 'finetune', method='clip',
+                                 mining=False),
              os.path.join(workdir, first))]
     init_from = ''
   else:
     init_from = os.path.join(workdir, first)
     runs = [(first, stage_config(config, 'pretrain'), init_from)]
-  for method in dict.fromkeys(('clip', config.method)):
-    runs.append((f'finetune_{method}',
-                 stage_config(config, 'finetune', method=method,
-                              init_from=init_from),
-                 os.path.join(workdir, f'finetune_{method}')))
+  finetunes = {'finetune_clip': stage_config(
+      config, 'finetune', method='clip', init_from=init_from, mining=False)}
+  finetunes[method_stage(config)] = stage_config(
+      config, 'finetune', init_from=init_from)
+  runs += [(name, c, os.path.join(workdir, name))
+           for name, c in finetunes.items()]
   return runs
 
 
@@ -725,48 +913,58 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *,
     # The mixing fields do not touch the CLIP / SigLIP stages: the study of
     # another method in the same workdir reuses them.
     unused = () if c.method in ('m2mix', 'm3mix') else ('m2mix', 'm3mix')
+    if not mining_on(c):  # nor the mining filters a run without mining
+      unused += ('mining',)
     stages[name] = runner.train_and_evaluate(
         FAMILY, c, directory, allow_changes=(*allow_changes, *unused))
     if stages[name]['interrupted']:
       out = dict(stages[name])
       out['stage'] = name
       return out
-  out = dict(stages[f'finetune_{config.method}'])
+  out = dict(stages[method_stage(config)])
   first = _first_stage(config)
   prefixes = {first: 'zeroshot_', 'finetune_clip': 'finetune_clip_'}
   for name, prefix in prefixes.items():
-    if name != f'finetune_{config.method}':
+    if name != method_stage(config):
       out.update({prefix + k: stages[name][k]
                   for k in ('r1sum', 'hard_negative_acc')
                   if k in stages[name]})
   out['wall_s'] = round(sum(s['wall_s'] for s in stages.values()), 1)
   if jax.process_index() == 0:
-    rows = comparison_rows(stages, config.method, first)
+    rows = comparison_rows(stages, config, first)
     with open(os.path.join(workdir, 'comparison.json'), 'w') as f:
       json.dump(rows, f, indent=1)
     try:
       from hnjax.eval import plots  # pylint: disable=g-import-not-at-top
       plots.plot_clip_comparison(workdir, rows, {
           label: os.path.join(workdir, name, 'test_embeddings.npz')
-          for label, name in _labels(config.method, first)}, show=False)
+          for label, name in _labels(config, first)}, show=False)
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('comparison plots failed: %s', e)
   out['stages'] = rows
   return out
 
 
-def _labels(method: str, first: str = 'pretrain') -> list[tuple[str, str]]:
+def _labels(config: mlc.ConfigDict, first: str = 'pretrain'
+            ) -> list[tuple[str, str]]:
   """``(row label, stage)`` of a study's trained or loaded towers."""
   rows = [('zero-shot', first), ('fine-tune (clip)', 'finetune_clip')]
-  if method != 'clip':
-    rows.append((f'fine-tune ({method})', f'finetune_{method}'))
+  name = method_stage(config)
+  if name != 'finetune_clip':
+    m = config.mining
+    extras = ([f'{m.negatives} mined negatives'] if m.negatives else []) + (
+        [f'{m.batches} batches'] if m.batches != 'random' else [])
+    label = ', '.join([config.method] + extras)
+    rows.append((f'fine-tune ({label})', name))
   return rows
 
 
-def comparison_rows(stages: dict[str, dict[str, Any]], method: str,
-                    first: str = 'pretrain') -> dict[str, dict[str, float]]:
+def comparison_rows(stages: dict[str, dict[str, Any]],
+                    config: mlc.ConfigDict, first: str = 'pretrain'
+                    ) -> dict[str, dict[str, float]]:
   """``{row label: {metric: value}}`` of a ``stage=both`` study.
 
+  ``config`` is the study's (its method and mining name the last row);
   ``first`` is the stage of the zero-shot row (`_first_stage`); the
   untrained row is there when that stage measured baselines.
   """
@@ -775,7 +973,7 @@ def comparison_rows(stages: dict[str, dict[str, Any]], method: str,
                if k.startswith('untrained_')}
   if untrained:
     rows['untrained'] = untrained
-  for label, name in _labels(method, first):
+  for label, name in _labels(config, first):
     rows[label] = {k: stages[name][k] for k in SUMMARY if k in stages[name]}
   return rows
 

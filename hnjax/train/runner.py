@@ -24,7 +24,9 @@ A family's step is a plain function ``step(state, batch) -> (state,
 metrics)``; ``metrics`` holds ``loss`` (scalar) and any other scalars, and
 per-example metrics as ``[G]`` arrays (logged as their mean and as
 histograms). Everything the run needs to resume exactly is in the state
-and the step number (the data order is a function of the step).
+and the step number: the data order is a function of the step and, for a
+family whose input depends on its encoder (mined hard negatives, batches
+of neighbours), of the tables its ``refresh`` piece keeps in the state.
 """
 
 import dataclasses
@@ -98,6 +100,14 @@ class Pieces:
     init_fields: state fields taken from ``config.init_from``.
     summary: final results kept in the summary (None: all; every one is
       logged to ``metrics.jsonl`` anyway).
+    refresh: ``state -> state`` recomputing, from the current parameters,
+      what the input pipeline reads from the state (mined hard negatives,
+      the embeddings of a batch order); None: nothing. Called before the
+      first step of a fresh run and after every ``refresh_every``-th step,
+      before that step's checkpoint (so a resumed run reads the same).
+    refresh_every: steps between refreshes (0: only before the first).
+    train_data: ``state -> (source, order)`` of `data.train_iterator`;
+      None: ``setup.data.train`` in the seeded random order.
   """
   init_state: Callable[[], State]
   step: Callable[[Hashable], Callable[[State, Any], tuple[State, Metrics]]]
@@ -111,6 +121,9 @@ class Pieces:
       default_factory=dict)
   init_fields: tuple[str, ...] = ('params', 'batch_stats')
   summary: tuple[str, ...] | None = None
+  refresh: Callable[[State], State] | None = None
+  refresh_every: int = 0
+  train_data: Callable[[State], tuple[Any, Any]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +304,8 @@ def _run(family, setup, config, config_json, workdir, t0):
     state = state_lib.load_params(state, config.init_from,
                                   pieces.init_fields)
     logging.info('parameters from %s', config.init_from)
+  if start == 0 and pieces.refresh is not None:
+    state = pieces.refresh(state)
   writer = writer_lib.MetricWriter(workdir, enabled=is_main)
   writer.write_config(config_json)  # only now: the resume check passed
   writer.truncate_after(start)
@@ -300,11 +315,16 @@ def _run(family, setup, config, config_json, workdir, t0):
   def step_fn(variant):
     return jax.jit(pieces.step(variant), donate_argnums=0)
 
+  def iterator(state, start):
+    source, order = (pieces.train_data(state) if pieces.train_data
+                     else (setup.data.train, None))
+    return data_lib.train_iterator(
+        source, global_batch_size=config.batch_size, seed=config.seed,
+        start_step=start, num_steps=total, fields=setup.data.fields,
+        order=order, num_workers=config.data.num_workers)
+
   eval_at = eval_steps(config.eval.every_steps, total)
-  it = data_lib.train_iterator(
-      setup.data.train, global_batch_size=config.batch_size,
-      seed=config.seed, start_step=start, num_steps=total,
-      fields=setup.data.fields, num_workers=config.data.num_workers)
+  it = iterator(state, start)
 
   def save(step):
     ckpt.save(step, state, {'data': {'next_index': step},
@@ -343,6 +363,11 @@ def _run(family, setup, config, config_json, workdir, t0):
           if step in eval_at and step != total:
             writer.write_scalars(step, only_scalars(
                 pieces.evaluate(state, False, None)))
+          if (pieces.refresh is not None and pieces.refresh_every
+              and step % pieces.refresh_every == 0 and step < total):
+            state = pieces.refresh(state)
+            # Batches read ahead came from the old state: read them again.
+            it = iterator(state, step)
           stop = guard.should_stop(step)
           if step % config.ckpt.every_steps == 0 or step == total or stop:
             # Never save a state whose loss went non-finite.
