@@ -217,7 +217,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.ckpt.every_steps = 4
     c.eval.every_steps = 6
     if c.mining.every_steps:
-      c.mining.every_steps = 5
+      c.mining.every_steps = 4
     c.mining.num_topics = 8
     if arg.init:
       c.num_steps, c.num_epochs = 12, 1

@@ -29,7 +29,7 @@ from absl import logging
 from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CONFIG = config_flags.DEFINE_config_file(
+CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, with presets after a colon '
     '(default: the launcher\'s).', lock_config=True)
 _WORKDIR = flags.DEFINE_string(
@@ -37,12 +37,13 @@ _WORKDIR = flags.DEFINE_string(
 _ALLOW_CHANGES = flags.DEFINE_list(
     'allow_changes', [], 'Config fields (dotted, or a prefix) allowed to '
     'differ from the checkpoint being resumed, e.g. num_steps.')
-_DISTRIBUTED = flags.DEFINE_bool(
+DISTRIBUTED = flags.DEFINE_bool(
     'distributed', None, 'Call jax.distributed.initialize (multi-host); '
     'default: only if HNJAX_DISTRIBUTED=1.')
 
 
-def _error(message: str) -> None:
+def error(message: str) -> None:
+  """Prints ``hnjax: error: <message>`` and exits with status 2."""
   print(f'hnjax: error: {message}', file=sys.stderr)
   sys.exit(2)
 
@@ -62,6 +63,17 @@ def _quiet_orbax_errors() -> None:
       handler.addFilter(_DropOrbaxErrors())
 
 
+def load_config():
+  """``--config``'s config, or one line and exit 2 if it cannot load."""
+  try:
+    config = CONFIG.value
+    config.get('method')  # the flag loads the file lazily: fail here
+  except OSError as e:  # a missing or unreadable config file
+    reason = re.findall(r'\[Errno \d+\][^\n]*', str(e)) or [str(e)]
+    error(f'--config: cannot load the config file: {reason[-1].strip()}')
+  return config
+
+
 def _main(argv, family: str) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -69,7 +81,7 @@ def _main(argv, family: str) -> None:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO.
   # Before any other JAX call (multi-host rule).
   from hnjax import parallel  # pylint: disable=g-import-not-at-top
-  parallel.initialize(enabled=_DISTRIBUTED.value)
+  parallel.initialize(enabled=DISTRIBUTED.value)
   import jax  # pylint: disable=g-import-not-at-top
   trainer = importlib.import_module(f'hnjax.train.{family}')
   # pylint: disable=g-import-not-at-top
@@ -79,12 +91,7 @@ def _main(argv, family: str) -> None:
   # pylint: enable=g-import-not-at-top
   jax.config.parse_flags_with_absl()
 
-  try:
-    config = _CONFIG.value
-    config.get('method')  # the flag loads the file lazily: fail here
-  except OSError as e:  # a missing or unreadable config file
-    reason = re.findall(r'\[Errno \d+\][^\n]*', str(e)) or [str(e)]
-    _error(f'--config: cannot load the config file: {reason[-1].strip()}')
+  config = load_config()
   workdir = _WORKDIR.value or os.path.join('runs', config.method)
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)  # tfds warns about missing files
@@ -92,7 +99,7 @@ def _main(argv, family: str) -> None:
     trainer.prepare(config)
     workdir_lib.check_usable(os.path.abspath(workdir))
   except (ValueError, FileNotFoundError, workdir_lib.WorkdirError) as e:
-    _error(' '.join(str(e).split()))
+    error(' '.join(str(e).split()))
   logging.set_verbosity(verbosity)
   if jax.process_index() == 0:
     print(f'hnjax: {config.method} on {config.data.name}, '
@@ -103,7 +110,7 @@ def _main(argv, family: str) -> None:
     summary = trainer.train_and_evaluate(
         config, workdir, allow_changes=tuple(_ALLOW_CHANGES.value))
   except (workdir_lib.WorkdirError, sources.DataReadError) as e:
-    _error(str(e))
+    error(str(e))
   except FloatingPointError as e:
     print(f'hnjax: stopped: {e}', file=sys.stderr)
     sys.exit(3)
@@ -121,18 +128,18 @@ def _main(argv, family: str) -> None:
     table = getattr(trainer, 'format_summary', lambda s: None)(summary)
     if table:
       print(table)
-    print(' '.join(f'{k}={_format(v)}' for k, v in summary.items()
+    print(' '.join(f'{k}={format_value(v)}' for k, v in summary.items()
                    if not isinstance(v, (dict, list))), flush=True)
 
 
-def _format(value):
-  # Four significant digits for long floats; metrics.jsonl keeps them all.
+def format_value(value):
+  """Four significant digits for long floats (metrics.jsonl keeps all)."""
   if isinstance(value, float) and len(repr(value)) > 7:
     return f'{value:.4g}'
   return value
 
 
-def _parse_flags(argv, default_config: str):
+def parse_flags(argv, default_config: str):
   """Flag parsing that reports a bad flag or config field in one line."""
   if not any(a == '--config' or a.startswith('--config=') for a in argv):
     argv = [argv[0], f'--config={os.path.join(ROOT, default_config)}',
@@ -147,7 +154,7 @@ def _parse_flags(argv, default_config: str):
       msg = f'unknown config field {typo[2]!r}; did you mean {typo[1]!r}?'
     elif 'Traceback' in msg and error:  # raised inside the config file
       msg = f'{msg.split(": ")[0]}: {error[-1].strip()}'
-    _error(msg)
+    error(msg)
 
 
 def run(family: str, default_config: str) -> None:
@@ -159,4 +166,4 @@ def run(family: str, default_config: str) -> None:
       repository root.
   """
   app.run(lambda argv: _main(argv, family),
-          flags_parser=lambda argv: _parse_flags(argv, default_config))
+          flags_parser=lambda argv: parse_flags(argv, default_config))

@@ -153,6 +153,9 @@ class MinePairsTest(absltest.TestCase):
     np.testing.assert_array_equal(records.negatives, idx)
     np.testing.assert_array_equal(records.query, np.arange(40))
     self.assertNotIn(7, records.negatives[3])  # scores the positive's: out
+    positive = records.info.pop('mean_positive_score')
+    self.assertAlmostEqual(positive, np.mean(np.sum(xu * yu, axis=1)),
+                           places=5)
     self.assertEqual(records.info, {'num_negatives': 3,
                                     'absolute_margin': 0.01,
                                     'encoder': 'identity'})

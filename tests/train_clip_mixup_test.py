@@ -26,8 +26,11 @@ from hnjax.train import runner
 from tests import data_real_captions_test
 from tests import testing
 
-_SMOKE = ['--config=configs/clip_mixup.py:smoke',
-          '--config.eval.baselines=False', '--config.eval.every_steps=0']
+# The study killed and resumed: its method run mines negatives again every
+# 4 steps and draws cluster batches (a checkpoint right after a refresh).
+_MINED_STUDY = ['--config=configs/clip_mixup.py:smoke,negatives=dynamic,'
+                'batches=cluster', '--config.eval.baselines=False',
+                '--config.eval.every_steps=0']
 _TINY_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                           'fixtures', 'tiny_clip')
 
@@ -59,7 +62,7 @@ class ObjectiveTest(parameterized.TestCase):
   def _body(self, cfg, mesh):
     return jax.shard_map(
         functools.partial(clip_mixup._objective_body, cfg=cfg), mesh=mesh,
-        in_specs=(P('data'), P('data'), P(), P(), P(), P(), P()),
+        in_specs=(P('data'),) * 4 + (P(),) * 5,
         out_specs=(P('data'), P('data')))
 
   @parameterized.parameters(0.0, 2.0)
@@ -69,8 +72,8 @@ class ObjectiveTest(parameterized.TestCase):
     lam, lam3, scale = 0.3, jnp.array([0.6, 0.2, 0.9]), 100.0
     cfg = _cfg('m3mix')
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    total, terms = jax.jit(self._body(cfg, mesh))(v, t, scale, -10.0, lam,
-                                                  lam3, epoch)
+    total, terms = jax.jit(self._body(cfg, mesh))(v, t, None, None, scale,
+                                                  -10.0, lam, lam3, epoch)
 
     @jax.jit
     def reference(v, t):
@@ -86,29 +89,52 @@ class ObjectiveTest(parameterized.TestCase):
     np.testing.assert_allclose(terms['m2mix'], m2, rtol=1e-5)
     # Without the schedule the weight never decays.
     total, _ = jax.jit(self._body(_cfg('m3mix', schedule=False), mesh))(
-        v, t, scale, -10.0, lam, lam3, epoch)
+        v, t, None, None, scale, -10.0, lam, lam3, epoch)
     np.testing.assert_allclose(total, clip + mix, rtol=1e-5)
 
+  def test_mined_negatives_join_the_clip_term(self):
+    k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+    v, t, neg = _unit(k1, (8, 4)), _unit(k2, (8, 4)), _unit(k3, (8, 3, 4))
+    mask = jnp.arange(24).reshape(8, 3) % 4 != 0
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    total, terms = jax.jit(self._body(_cfg('m2mix'), mesh))(
+        v, t, neg, mask, 100.0, 0.0, 0.3, jnp.zeros(3), 0.0)
+    clip = losses.symmetric_info_nce(v, t, temperature=0.01,
+                                     extra_negatives=neg,
+                                     extra_negative_mask=mask)
+    np.testing.assert_allclose(terms['clip'], clip, rtol=1e-5)
+    np.testing.assert_allclose(
+        total, clip + 0.3 * losses.m2mix(v, t, 0.3, temperature=0.07),
+        rtol=1e-5)
+    # They make it harder than in-batch negatives alone.
+    self.assertTrue(np.all(np.asarray(clip) >= np.asarray(
+        losses.symmetric_info_nce(v, t, temperature=0.01)) - 1e-6))
+
   # m3mix's terms on 8 devices: sharded_test.
-  @parameterized.parameters('clip', 'm2mix', 'siglip')
+  @parameterized.parameters('clip', 'm2mix', 'siglip', 'mined')
   def test_eight_devices_equal_one(self, method):
-    k1, k2 = jax.random.split(jax.random.key(1))
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
     v, t = _unit(k1, (16, 8)), _unit(k2, (16, 8))
+    neg = mask = None
+    if method == 'mined':
+      method, neg = 'clip', _unit(k3, (16, 2, 8))
+      mask = jnp.arange(32).reshape(16, 2) % 3 != 0
     cfg = _cfg(method)
 
-    def loss(mesh, v, t):
-      total, _ = self._body(cfg, mesh)(v, t, 10.0, -5.0, 0.4,
+    def loss(mesh, v, t, neg):
+      total, _ = self._body(cfg, mesh)(v, t, neg, mask, 10.0, -5.0, 0.4,
                                        jnp.array([0.7, 0.1, 0.5]), 1.0)
       return jnp.mean(total)
 
     one = parallel.make_mesh(devices=jax.devices()[:1])
     eight = parallel.make_mesh(devices=jax.devices()[:8])
+    argnums = (0, 1) if neg is None else (0, 1, 2)
     l1, g1 = jax.jit(jax.value_and_grad(functools.partial(loss, one),
-                                        argnums=(0, 1)))(v, t)
+                                        argnums=argnums))(v, t, neg)
     l8, g8 = jax.jit(jax.value_and_grad(functools.partial(loss, eight),
-                                        argnums=(0, 1)))(v, t)
+                                        argnums=argnums))(v, t, neg)
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
-    for a, b in zip(g8, g1):  # both towers' gradients
+    for a, b in zip(g8, g1):  # both towers' gradients (and the mined)
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
@@ -129,6 +155,18 @@ class ConfigTest(parameterized.TestCase):
       ('finetune', {'stage': 'finetune'}, "init_from=''"),
       ('data', {'data.name': 'digits'}, "data.name='digits'"),
       ('batch', {'batch_size': 12}, 'batch_size=12'),
+      ('negatives', {'mining.negatives': -1}, 'mining.negatives=-1'),
+      ('every', {'mining.every_steps': -4}, 'mining.every_steps=-4'),
+      ('batches', {'mining.batches': 'knn'}, "mining.batches='knn'"),
+      ('cluster', {'mining.cluster_size': 0}, 'mining.cluster_size=0'),
+      ('sampling', {'mining.sampling': 'hard'}, "mining.sampling='hard'"),
+      ('range', {'mining.range_min': 5, 'mining.range_max': 5},
+       'mining.range_max=5'),
+      ('margin', {'mining.relative_margin': float('nan')},
+       'mining.relative_margin=nan'),
+      ('siglip', {'method': 'siglip', 'mining.negatives': 2},
+       'mining.negatives=2: mined negatives join'),
+      ('path', {'mining.path': 'x.npz'}, 'mining.negatives=0: must be > 0'),
   )
   def test_validate_names_field_and_value(self, overrides, expected):
     config = clip_config.get_config()
@@ -165,6 +203,25 @@ class ConfigTest(parameterized.TestCase):
     self.assertEqual(pre.num_steps, c.pretrain.num_steps)
     self.assertLen(clip_mixup.plan(clip_config.get_config('method=clip'),
                                    '/w'), 2)
+
+  def test_mining_presets_apply_to_the_methods_run_only(self):
+    for preset, every, batches in (('negatives=mined', 0, 'random'),
+                                   ('negatives=dynamic', 50, 'random'),
+                                   ('batches=topic', 0, 'topic')):
+      c = clip_config.get_config(f'method=clip,{preset}')
+      runner.validate(clip_mixup.FAMILY, c, num_devices=8)
+      runs = clip_mixup.plan(c, '/w')
+      self.assertEqual([n for n, _, _ in runs],
+                       ['pretrain', 'finetune_clip', 'finetune_clip_mined'])
+      mining = [(r.mining.negatives, r.mining.every_steps, r.mining.batches)
+                for _, r, _ in runs]
+      k = 0 if batches != 'random' else 4
+      self.assertEqual(mining, [(0, 0, 'random')] * 2 + [(k, every, batches)])
+      # The runs without mining are the study's without it (reused).
+      plain = clip_mixup.plan(clip_config.get_config('method=clip'), '/w')
+      self.assertEqual(runs[1][1].to_dict(), plain[1][1].to_dict())
+    with self.assertRaisesRegex(ValueError, "unknown negatives preset 'hard'"):
+      clip_config.get_config('negatives=hard')
 
 
 class CaptionDataTest(absltest.TestCase):
@@ -212,14 +269,16 @@ class EndToEndTest(absltest.TestCase):
   def test_killed_study_resumes_to_the_same_state(self):
     root = tempfile.mkdtemp()
     ref_dir, run_dir = os.path.join(root, 'ref'), os.path.join(root, 'run')
-    ref_proc = _launch(ref_dir, *_SMOKE, wait=False)
+    ref_proc = _launch(ref_dir, *_MINED_STUDY, wait=False)
     # Killed -9 at a random moment after a checkpoint of the m²-mix
-    # fine-tuning: the pretraining and plain fine-tuning are finished, and
-    # the stage must resume from its own checkpoint, not from init_from.
+    # fine-tuning (with mined negatives and cluster batches, refreshed at
+    # steps 4 and 8): the pretraining and plain fine-tuning are finished,
+    # and the stage must resume from its own checkpoint, not from
+    # init_from, with the negatives and batches of the uninterrupted run.
     # (Resuming an ordinary run, as pretraining is: runner_test and the
     # MoCo test.)
-    for stage in ('finetune_m2mix',):
-      proc = _launch(run_dir, *_SMOKE, wait=False)
+    for stage in ('finetune_m2mix_mined',):
+      proc = _launch(run_dir, *_MINED_STUDY, wait=False)
       path = os.path.join(run_dir, stage, 'checkpoints', '4')
       t0 = time.time()
       while not os.path.isdir(path):
@@ -235,13 +294,14 @@ class EndToEndTest(absltest.TestCase):
     for key in ('r1sum', 'hard_negative_acc', 'zeroshot_r1sum',
                 'finetune_clip_r1sum', 'uniformity', 'modality_gap'):
       self.assertTrue(np.isfinite(float(ref[key])), key)
-    self.assertIn('fine-tune (m2mix)', out)  # the comparison table
+    # the comparison table
+    self.assertIn('fine-tune (m2mix, 4 mined negatives, cluster batches)', out)
     for name in ('uniformity_alignment.png', 'recall_at_k.png',
                  'modality_gap.png', 'comparison.json',
-                 'pretrain/loss.png', 'finetune_m2mix/r1sum.png'):
+                 'pretrain/loss.png', 'finetune_m2mix_mined/r1sum.png'):
       self.assertTrue(os.path.exists(os.path.join(ref_dir, name)), name)
 
-    code, out, err = _launch(run_dir, *_SMOKE)
+    code, out, err = _launch(run_dir, *_MINED_STUDY)
     self.assertEqual(code, 0, err[-3000:])
     self.assertEqual(testing.summary(out)['state_fingerprint'],
                      ref['state_fingerprint'])

@@ -298,7 +298,8 @@ def mine_pairs(
     chunk: queries per mining call.
     key: PRNG key of ``sampling_strategy='random'``.
     progress: show progress bars (process 0).
-    info: recorded in `Mined.info` besides the filters (e.g. which encoder).
+    info: recorded in `Mined.info` besides the filters and the mean score
+      of the positives, ``mean_positive_score`` (e.g. which encoder).
     **filters: `hnjax.mining.mine_hard_negatives`' filters (``range_min``,
       ``range_max``, ``max_score``, ``min_score``, ``absolute_margin``,
       ``relative_margin``) and ``sampling_strategy``.
@@ -319,6 +320,8 @@ def mine_pairs(
   idx, scores = mine_embeddings(
       q, corpus, rows, num_negatives=num_negatives, chunk=chunk, key=key,
       progress='mining' if progress else None, **filters)
+  positive = float(np.mean(np.sum(q * corpus, axis=1))) if len(q) else 0.0
   return Mined(query=rows, positive=rows.copy(), negatives=idx,
                scores=scores, info={'num_negatives': num_negatives,
-                                    **filters, **(info or {})})
+                                    **filters, **(info or {}),
+                                    'mean_positive_score': positive})

@@ -548,7 +548,9 @@ def open_data(config: mlc.ConfigDict) -> runner.Data:
 
   With ``init_path`` the captions are tokenised by the checkpoint's
   tokenizer, real images resized bicubically to its image size (0) and
-  every image normalised with its mean and std.
+  every image normalised with its mean and std. With ``mining.path`` the
+  training source also gives each pair's mined captions (its first
+  ``mining.negatives``); the records must be of this dataset and part.
   """
   d = config.data
   part = 'pretrain' if config.stage == 'pretrain' else 'finetune'
@@ -571,6 +573,11 @@ def open_data(config: mlc.ConfigDict) -> runner.Data:
     fields += ('negative_tokens', 'negative_mask')
   if config.mining.path:  # static negatives: read once, never refreshed
     records = mined_lib.Mined.load(os.path.abspath(config.mining.path))
+    for field, ours in (('data', d.name), ('part', part)):
+      theirs = records.info.get(field, ours)
+      checks.require(theirs == ours, 'mining.path', config.mining.path,
+                     f'mined from the {field} {theirs!r}; this run trains '
+                     f'on {ours!r}')
     k = config.mining.negatives
     checks.require(
         records.negatives.shape[1] >= k, 'mining.negatives', k,
@@ -721,6 +728,68 @@ def refresh_mined(state: TrainState, *, encoders, config, train, mesh
   return state.replace(mined={
       name: jax.make_array_from_process_local_data(rep, value)
       for name, value in mined.items()})
+
+
+def mine(config: mlc.ConfigDict, out: str) -> dict[str, Any]:
+  """Mines hard negative captions for every training pair; writes ``out``.
+
+  The towers are ``config.init_from``'s (another run) or
+  ``config.init_path``'s (a pretrained CLIP); the pairs are those of
+  ``config.stage``'s part (fine-tuning's unless ``stage=pretrain``); the
+  filters ``mining.*``. Usable from Colab; ``python -m launch.mine`` is the
+  command line. Train with the result through ``mining.path``.
+
+  Args:
+    config: a config from ``configs/clip_mixup.py`` with
+      ``mining.negatives > 0`` and ``init_from`` or ``init_path``.
+    out: the ``.npz`` to write (`hnjax.data.mined.Mined`).
+
+  Returns:
+    A summary: ``pairs``, ``negatives`` (per pair), ``found`` (the
+    fraction of slots filled: filters may leave fewer), the mean cosine of
+    the mined captions ``mined_similarity`` and of the true ones
+    ``positive_similarity``, ``wall_s``.
+
+  Raises:
+    checks.ConfigError: no towers, no negatives asked for, or a bad field.
+  """
+  t0 = time.time()
+  checks.require(config.mining.negatives > 0, 'mining.negatives',
+                 config.mining.negatives, 'must be > 0: how many to mine')
+  checks.require(not config.mining.path, 'mining.path', config.mining.path,
+                 'is what training reads; the file to write is --out')
+  checks.require(bool(config.init_from or config.init_path), 'init_from',
+                 config.init_from, 'mining needs trained towers: set it to '
+                 'a run\'s workdir (or init_path to a pretrained CLIP)')
+  c = mlc.ConfigDict(config.to_dict())
+  c.stage = 'pretrain' if config.stage == 'pretrain' else 'finetune'
+  c.mining.batches = 'random'  # only the negatives are mined here
+  c.lock()
+  setup = runner.prepare(FAMILY, c)
+  pieces = build(setup)
+  state = pieces.init_state()
+  if c.init_from:
+    state = state_lib.load_params(state, c.init_from, pieces.init_fields)
+  info = setup.data.info
+  model = create_model(c, info)
+  image_fn, text_fn = _encoders(model, _step_config(c, setup))
+  records = mined_lib.mine_pairs(
+      info.train,
+      embed_query=lambda b: image_fn(state.params, state.batch_stats, b),
+      embed_positive=lambda b: text_fn(state.params, b), mesh=setup.mesh,
+      batch_size=c.eval.batch_size, num_negatives=c.mining.negatives,
+      key=jax.random.key(c.seed), info={
+          'data': c.data.name, 'part': c.stage,
+          'towers': c.init_from or c.init_path}, **mining_filters(c))
+  if jax.process_index() == 0:
+    records.save(out)
+  found = records.negatives >= 0
+  return dict(pairs=len(records.query), negatives=c.mining.negatives,
+              found=float(found.mean()),
+              mined_similarity=float(records.scores[found].mean())
+              if found.any() else float('nan'),
+              positive_similarity=records.info['mean_positive_score'],
+              wall_s=round(time.time() - t0, 1))
 
 
 def train_data_of(state: TrainState, *, config, train):
