@@ -149,11 +149,11 @@ def parse_flags(argv, default_config: str):
   except Exception as e:  # pylint: disable=broad-except
     msg = ' '.join(str(e).replace('\\n', ' ').split())
     typo = re.search(r'Did you mean "(.+?)" instead of "(.+?)"', msg)
-    error = re.findall(r'(\w+Error: .*?)(?= File "|$)', msg)
+    raised = re.findall(r'(\w+Error: .*?)(?= File "|$)', msg)
     if typo:
       msg = f'unknown config field {typo[2]!r}; did you mean {typo[1]!r}?'
-    elif 'Traceback' in msg and error:  # raised inside the config file
-      msg = f'{msg.split(": ")[0]}: {error[-1].strip()}'
+    elif 'Traceback' in msg and raised:  # raised inside the config file
+      msg = f'{msg.split(": ")[0]}: {raised[-1].strip()}'
     error(msg)
 
 

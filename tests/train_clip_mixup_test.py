@@ -18,6 +18,7 @@ import pytest
 from configs import clip_mixup as clip_config
 from hnjax import losses
 from hnjax import parallel
+from hnjax.data import mined
 from hnjax.data import paired
 from hnjax.data import text
 from hnjax.train import checks
@@ -204,6 +205,17 @@ class ConfigTest(parameterized.TestCase):
     self.assertLen(clip_mixup.plan(clip_config.get_config('method=clip'),
                                    '/w'), 2)
 
+  def test_mine_needs_negatives_and_towers(self):
+    for overrides, expected in [
+        ({}, 'mining.negatives=0: must be > 0'),
+        ({'mining.negatives': 2}, "init_from='': mining needs trained"),
+        ({'mining.negatives': 2, 'init_from': '/r', 'mining.path': 'a.npz'},
+         "mining.path='a.npz': is what training reads")]:
+      config = clip_config.get_config()
+      testing.set_fields(config, overrides)
+      with self.assertRaisesRegex(checks.ConfigError, expected):
+        clip_mixup.mine(config, os.path.join(tempfile.mkdtemp(), 'm.npz'))
+
   def test_mining_presets_apply_to_the_methods_run_only(self):
     for preset, every, batches in (('negatives=mined', 0, 'random'),
                                    ('negatives=dynamic', 50, 'random'),
@@ -305,6 +317,23 @@ class EndToEndTest(absltest.TestCase):
     self.assertEqual(code, 0, err[-3000:])
     self.assertEqual(testing.summary(out)['state_fingerprint'],
                      ref['state_fingerprint'])
+
+    # The static driver mines the fine-tuning pairs with the pretrained
+    # towers (the launcher ignores --workdir).
+    records_path = os.path.join(root, 'records', 'mined.npz')
+    code, out, err = testing.launch(
+        'launch.mine', root, '--config=configs/clip_mixup.py:smoke,'
+        'negatives=mined', f'--config.init_from={ref_dir}/pretrain',
+        f'--out={records_path}')
+    self.assertEqual(code, 0, err[-3000:])
+    self.assertIn('pairs=900 negatives=4 found=', out)
+    records = mined.Mined.load(records_path)
+    self.assertEqual(records.negatives.shape, (900, 4))
+    found = records.negatives >= 0
+    self.assertGreater(found.mean(), 0.99)  # the margin drops a few
+    self.assertFalse(np.any(records.negatives == np.arange(900)[:, None]))
+    s = np.where(found, records.scores, -2.0)
+    self.assertTrue(np.all(np.diff(s, axis=1) <= 0))  # best first
 
     # init_from: missing, incompatible towers, corrupted: one line naming
     # the path (and the parameter); checked before anything is written.

@@ -15,7 +15,11 @@
   shapes32's captions, COCO, Flickr30k); see ``paired``, ``real_captions``,
   ``text`` and ``subword``.
 * ``batching``: epochs of near-neighbour batches (Sample4Geo, NGAME,
-  TAS-B) for harder in-batch negatives.
+  TAS-B) for harder in-batch negatives; ``EpochOrder`` feeds one to
+  ``train_iterator(order=...)``.
+* ``mined``: hard negatives mined for every pair of a dataset
+  (``mine_pairs``), their records (``Mined``) and a source whose batches
+  carry them (``NegativesSource``).
 """
 
 from hnjax.data.augment import augment_batch

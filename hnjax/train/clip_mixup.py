@@ -25,6 +25,19 @@ objective):
 4. gradients and the optax update (AdamW without weight decay on gains,
    biases, embeddings' positions and the logit scale, as CLIP).
 
+Hard negatives (``mining.*``, ALGORITHMS.md §9): with ``mining.negatives =
+k`` each image also gets ``k`` captions of other training pairs, mined by
+`hnjax.mining.mine_hard_negatives` (its false-negative filters), as extra
+negatives of its image→text cross-entropy, encoded by the text tower with
+gradient. They are read from records (``mining.path``, written by `mine` /
+``python -m launch.mine``: static, STAR) or mined by the run itself from
+its towers before the first step and, with ``mining.every_steps``, again
+from the current towers (dynamic, ADORE). ``mining.batches`` draws the
+batches from image embeddings instead of at random (Sample4Geo
+neighbours, NGAME clusters, TAS-B topics), refreshed with the negatives.
+Both live in the state (``TrainState.mined``): a resumed run reads the
+same negatives and batches.
+
 Two stages share this step: ``stage=pretrain`` trains both towers from
 scratch; ``stage=finetune`` starts from another run's parameters
 (``init_from``) or from a pretrained CLIP checkpoint folder (``init_path``,
@@ -778,7 +791,9 @@ def mine(config: mlc.ConfigDict, out: str) -> dict[str, Any]:
       embed_query=lambda b: image_fn(state.params, state.batch_stats, b),
       embed_positive=lambda b: text_fn(state.params, b), mesh=setup.mesh,
       batch_size=c.eval.batch_size, num_negatives=c.mining.negatives,
-      key=jax.random.key(c.seed), info={
+      # The key of a run's own mining before its first step: 'random'
+      # draws the same negatives either way.
+      key=jax.random.fold_in(jax.random.key(c.seed), 0), info={
           'data': c.data.name, 'part': c.stage,
           'towers': c.init_from or c.init_path}, **mining_filters(c))
   if jax.process_index() == 0:
