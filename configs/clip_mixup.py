@@ -102,6 +102,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   if arg.tower not in _TOWERS:
     raise ValueError(f'unknown tower preset {arg.tower!r}; known: '
                      f'{", ".join(_TOWERS)}')
+  if arg.batches not in ('random', 'neighbour', 'cluster', 'topic'):
+    raise ValueError(f'unknown batches preset {arg.batches!r}; known: '
+                     'neighbour, cluster, topic')
   if arg.negatives not in ('', 'mined', 'dynamic'):
     raise ValueError(f'unknown negatives preset {arg.negatives!r}; known: '
                      'mined, dynamic')
