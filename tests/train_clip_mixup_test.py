@@ -168,6 +168,8 @@ class ConfigTest(parameterized.TestCase):
       ('siglip', {'method': 'siglip', 'mining.negatives': 2},
        'mining.negatives=2: mined negatives join'),
       ('path', {'mining.path': 'x.npz'}, 'mining.negatives=0: must be > 0'),
+      ('refresh', {'mining.every_steps': 10}, 'mining.every_steps=10: '
+       'nothing to refresh'),
   )
   def test_validate_names_field_and_value(self, overrides, expected):
     config = clip_config.get_config()

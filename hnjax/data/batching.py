@@ -360,7 +360,9 @@ class EpochOrder:
   embeddings (those of the last refresh), so that
   `hnjax.data.train_iterator(..., order=EpochOrder(...))` draws batches of
   neighbours. The last two epochs' orders are cached (the pipeline asks
-  once per step); instances pickle (grain workers).
+  once per step); instances pickle (grain workers). A new instance from
+  new embeddings in the middle of an epoch changes the rest of that
+  epoch's batches: some examples come twice that epoch, some not at all.
 
   Args:
     kind: one of `ORDERS`.
@@ -374,7 +376,7 @@ class EpochOrder:
       themselves); required there.
   """
 
-  def __init__(self, kind: str, embeddings: np.ndarray | None,
+  def __init__(self, kind: str, embeddings: np.ndarray,
                batch_size: int, *, seed: int, cluster_size: int = 8,
                num_topics: int = 32, neighbours: np.ndarray | None = None):
     if kind not in ORDERS:

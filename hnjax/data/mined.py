@@ -76,11 +76,15 @@ class Mined:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp{os.getpid()}')
-    with open(tmp, 'wb') as f:
-      np.savez(f, query=self.query, positive=self.positive,
-               negatives=self.negatives, scores=self.scores,
-               info=np.array(json.dumps({'format': _FORMAT, **self.info})))
-    os.replace(tmp, path)
+    try:
+      with open(tmp, 'wb') as f:
+        np.savez(f, query=self.query, positive=self.positive,
+                 negatives=self.negatives, scores=self.scores,
+                 info=np.array(json.dumps({'format': _FORMAT, **self.info})))
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
 
   @classmethod
   def load(cls, path: str) -> Mined:

@@ -12,7 +12,7 @@ processes see the same global batches.
 Batch composition. ``order`` replaces the permutation by any function of
 the epoch (`hnjax.data.batching`'s samplers: batches of near neighbours,
 clusters or topics); step ``s`` of epoch ``e`` is then positions ``[s * G,
-(s + 1) * G)`` of ``order(e)``, which must hold ``S * G`` distinct rows.
+(s + 1) * G)`` of ``order(e)``, which must hold at least ``S * G`` rows.
 
 Resuming. The grain iterator's state is ``{'next_index': t}``, ``t`` being
 the next global step; it is JSON-able and works with

@@ -226,6 +226,10 @@ def _validate_mining(config: mlc.ConfigDict) -> None:
   if m.path:
     checks.require(m.negatives > 0, 'mining.negatives', m.negatives,
                    f'must be > 0 to train with mining.path={m.path!r}')
+  checks.require(not m.every_steps or fresh_state_has_mined(config),
+                 'mining.every_steps', m.every_steps,
+                 'nothing to refresh: set mining.negatives (without '
+                 'mining.path) or mining.batches')
 
 
 def mining_on(config: mlc.ConfigDict) -> bool:

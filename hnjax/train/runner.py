@@ -305,7 +305,11 @@ def _run(family, setup, config, config_json, workdir, t0):
                                   pieces.init_fields)
     logging.info('parameters from %s', config.init_from)
   if start == 0 and pieces.refresh is not None:
-    state = pieces.refresh(state)
+    try:
+      state = pieces.refresh(state)
+    except BaseException:
+      ckpt.close()
+      raise
   writer = writer_lib.MetricWriter(workdir, enabled=is_main)
   writer.write_config(config_json)  # only now: the resume check passed
   writer.truncate_after(start)
