@@ -338,8 +338,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   Returns:
     ``(new_state, metrics)``: ``loss``, each term's batch mean,
     ``logit_scale``, ``lam``, ``grad_norm``, and the per-pair losses
-    ``pair_loss [G]``; with mined negatives ``mined_similarity`` (the mean
-    cosine of an image and its mined captions) and ``positive_similarity``.
+    ``pair_loss [G]``, the mean cosine of an image and its caption
+    ``positive_similarity``, of an image and the most similar other
+    caption of the batch ``hardest_in_batch_similarity`` (what batch
+    composition raises) and, with mined negatives, of an image and its
+    mined captions ``mined_similarity``.
   """
   key = jax.random.fold_in(state.rng, state.step)
   k_lam, k_lam3 = jax.random.split(key)
@@ -385,12 +388,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
                  logit_scale=scale, lam=lam, pair_loss=per_pair)
   metrics.update({f'loss_{name}': jnp.mean(x) for name, x in terms.items()})
+  # How hard the negatives are: the true caption's cosine, each image's
+  # most similar other caption in the (global) batch, and its mined ones.
+  metrics['positive_similarity'] = jnp.mean(jnp.sum(v * t, axis=1))
+  sims = v @ t.T
+  others = jnp.where(jnp.eye(sims.shape[0], dtype=bool), -jnp.inf, sims)
+  metrics['hardest_in_batch_similarity'] = jnp.mean(jnp.max(others, axis=1))
   if k:
     mask = batch['negative_mask']
     sim = jnp.einsum('bd,bkd->bk', v, neg)
     metrics['mined_similarity'] = (jnp.sum(jnp.where(mask, sim, 0.0))
                                    / jnp.maximum(jnp.sum(mask), 1))
-    metrics['positive_similarity'] = jnp.mean(jnp.sum(v * t, axis=1))
   return new_state, metrics
 
 
