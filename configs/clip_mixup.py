@@ -55,7 +55,9 @@ Presets after the colon, comma separated:
                                    similar images (Sample4Geo, NGAME,
                                    TAS-B) from its towers' image
                                    embeddings, refreshed with the
-                                   negatives (mining.every_steps)
+                                   negatives (mining.every_steps); with
+                                   tower=vit: the convnet's BatchNorm
+                                   collapses on such batches (README)
   smoke                            a tiny run (under a minute) writing
                                    several checkpoints; combines with the
                                    others: configs/clip_mixup.py:smoke,method=m3mix

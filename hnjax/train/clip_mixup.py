@@ -827,6 +827,13 @@ def train_data_of(state: TrainState, *, config, train):
     source = mined_lib.NegativesSource(train, mined['negatives'])
   m = config.mining
   if m.batches != 'random':
+    if jax.tree.leaves(state.batch_stats):
+      logging.log_first_n(
+          logging.WARNING, 'mining.batches=%r with an image tower that has '
+          'BatchNorm (%s): its batch statistics come from batches of similar '
+          'images, not from the data; on shapes32 topic and neighbour '
+          'batches make the convnet collapse (README). Prefer a LayerNorm '
+          'tower (tower=vit).', 1, m.batches, config.model.backbone)
     emb = mined['embeddings']
     neighbours = None
     if m.batches == 'neighbour':  # Sample4Geo's 128 nearest images
