@@ -111,6 +111,18 @@ class ObjectiveTest(parameterized.TestCase):
     self.assertTrue(np.all(np.asarray(clip) >= np.asarray(
         losses.symmetric_info_nce(v, t, temperature=0.01)) - 1e-6))
 
+  def test_hardest_in_batch_similarity_on_one_and_eight_devices(self):
+    k1, k2 = jax.random.split(jax.random.key(3))
+    v, t = _unit(k1, (16, 4)), _unit(k2, (16, 4))
+    sims = np.asarray(v) @ np.asarray(t).T
+    np.fill_diagonal(sims, -np.inf)
+    for n in (1, 8):
+      mesh = parallel.make_mesh(devices=jax.devices()[:n])
+      fn = jax.jit(jax.shard_map(clip_mixup.hardest_in_batch, mesh=mesh,
+                                 in_specs=(P('data'), P('data')),
+                                 out_specs=P('data')))
+      np.testing.assert_allclose(fn(v, t), sims.max(axis=1), rtol=1e-6)
+
   # m3mix's terms on 8 devices: sharded_test.
   @parameterized.parameters('clip', 'm2mix', 'siglip', 'mined')
   def test_eight_devices_equal_one(self, method):

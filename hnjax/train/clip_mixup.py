@@ -312,6 +312,21 @@ def _objective_body(v, t, neg, neg_mask, scale, bias, lam, lam3, epoch, *,
   return clip + decay * mix, terms
 
 
+def hardest_in_batch(v: jax.Array, t: jax.Array) -> jax.Array:
+  """Per-device body: each image's most similar other caption, ``[B]``.
+
+  Inside ``shard_map`` over ``'data'``: this device's images ``v`` ``[B,
+  D]`` against the all-gathered captions, ``[B, G]`` per device like the
+  loss's logits (never ``[G, G]``). A metric: no gradient.
+  """
+  v = jax.lax.stop_gradient(v)
+  t_all = parallel.gather(jax.lax.stop_gradient(t), DATA)
+  sims = v @ t_all.T
+  own = parallel.local_rows(v.shape[0], DATA)
+  others = jnp.arange(t_all.shape[0])[None, :] != own[:, None]
+  return jnp.max(jnp.where(others, sims, -jnp.inf), axis=1)
+
+
 def _scale(out, cfg):
   if cfg.learn_temperature or cfg.method == 'siglip':
     return out['logit_scale']
@@ -391,9 +406,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   # How hard the negatives are: the true caption's cosine, each image's
   # most similar other caption in the (global) batch, and its mined ones.
   metrics['positive_similarity'] = jnp.mean(jnp.sum(v * t, axis=1))
-  sims = v @ t.T
-  others = jnp.where(jnp.eye(sims.shape[0], dtype=bool), -jnp.inf, sims)
-  metrics['hardest_in_batch_similarity'] = jnp.mean(jnp.max(others, axis=1))
+  hardest = jax.shard_map(hardest_in_batch, mesh=mesh,
+                          in_specs=(P(DATA), P(DATA)), out_specs=P(DATA))
+  metrics['hardest_in_batch_similarity'] = jnp.mean(hardest(v, t))
   if k:
     mask = batch['negative_mask']
     sim = jnp.einsum('bd,bkd->bk', v, neg)
