@@ -393,9 +393,6 @@ class EpochOrder:
     self.cluster_size, self.num_topics = cluster_size, num_topics
     self._cache = {}
 
-  def __len__(self) -> int:
-    return len(self.embeddings)
-
   def __call__(self, epoch: int) -> np.ndarray:
     epoch = int(epoch)
     if epoch not in self._cache:

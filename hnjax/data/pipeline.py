@@ -122,7 +122,8 @@ def train_rows(
     process_index: ``p``.
     process_count: ``P``.
     order: ``epoch -> int [>= S * G]`` rows of that epoch, batch after
-      batch; default ``epoch_permutation(n, seed, epoch)``.
+      batch (called at every step: cache it, as `batching.EpochOrder`
+      does); default ``epoch_permutation(n, seed, epoch)``.
 
   Returns:
     int64 ``[G / P]`` row positions in the source.

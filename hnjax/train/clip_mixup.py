@@ -412,8 +412,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   if k:
     mask = batch['negative_mask']
     sim = jnp.einsum('bd,bkd->bk', v, neg)
-    metrics['mined_similarity'] = (jnp.sum(jnp.where(mask, sim, 0.0))
-                                   / jnp.maximum(jnp.sum(mask), 1))
+    found = jnp.sum(mask)  # NaN, not 0, when the filters left none
+    metrics['mined_similarity'] = jnp.where(
+        found > 0, jnp.sum(jnp.where(mask, sim, 0.0)) / jnp.maximum(found, 1),
+        jnp.nan)
   return new_state, metrics
 
 
@@ -806,13 +808,16 @@ def mine(config: mlc.ConfigDict, out: str) -> dict[str, Any]:
   c.mining.batches = 'random'  # only the negatives are mined here
   c.lock()
   setup = runner.prepare(FAMILY, c)
-  pieces = build(setup)
-  state = pieces.init_state()
-  if c.init_from:
-    state = state_lib.load_params(state, c.init_from, pieces.init_fields)
-  info = setup.data.info
+  info, cfg = setup.data.info, _step_config(c, setup)
   model = create_model(c, info)
-  image_fn, text_fn = _encoders(model, _step_config(c, setup))
+  # The towers only: no optimizer state (AdamW's would double the memory).
+  state = create_state(c, model, optax.identity(), cfg, setup.mesh)
+  if c.init_path:
+    state = with_pretrained(state, os.path.abspath(c.init_path),
+                            pretrained_spec(c))
+  else:
+    state = state_lib.load_params(state, c.init_from)
+  image_fn, text_fn = _encoders(model, cfg)
   records = mined_lib.mine_pairs(
       info.train,
       embed_query=lambda b: image_fn(state.params, state.batch_stats, b),
